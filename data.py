@@ -1,0 +1,1484 @@
+"""Data for minAPTM: the synthetic pedestrian world, dataset readers, transforms, tokenizer, MLM masking, EDA.
+
+Spec sections: §1.3 (tokenizer without [SEP]), §2.4 (MLM masking), §3.1 (the 27 MALS attributes and their
+0/1 polarity), §4.2–4.4 (processed and raw dataset formats, test-set structure), §4.6 (image transforms),
+§4.7 (pre_caption, EDA).
+
+Letters: B batch, L text tokens, M masked positions per row, V vocabulary size, K attributes (27 for MALS),
+H×W image size.
+
+One pipeline for synthetic and real data: `make_synthetic` renders a small procedural pedestrian world and
+writes it in the OFFICIAL file formats (MALS `*_attrs.json`, CUHK-PEDES `reid_raw.json` + `imgs/`, a
+PA-100K-style attribute JSON), so the same readers serve both. Bad input never gives a traceback: `fail`
+prints one line naming the file, the entry and the fix, and exits with status 2.
+
+    python data.py                       # build (or find) data/synthetic and print its paths and sizes
+    python data.py --root data/synthetic --sheet /tmp/sheet.png   # also write a contact sheet of images
+
+Public API (names fixed by the build plan):
+    fail, check_images, NORMALIZATION, Tokenizer (from_corpus / from_bert_dir / from_state / state / __call__),
+    mask_tokens, pre_caption, eda, train_transform, test_transform, RandAugment, RandomErasing,
+    read_mals, read_retrieval, load_retrieval, TestSet, read_attributes, make_synthetic, label_caption,
+    PretrainDataset, FinetuneDataset, ImageDataset, AttributeDataset.
+Randomness: transforms take a random.Random, mask_tokens a torch.Generator; the Datasets derive both from
+(seed, epoch, sample index), so a run reproduces exactly with any number of workers and after a resume.
+
+Deviations (documented, our choice): EDA's synonyms come from a small built-in table (`EDA_SYNONYMS`) instead of
+NLTK WordNet (offline, no extra dependency); RandAugment's translation of 7 pixels is scaled by W/128 so it
+keeps its relative size at small training resolutions (identical at the paper's 384×128).
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+
+# ----------------------------------------------------------------------------------------------------------
+# Failing clearly
+
+
+def fail(message):
+    """Print `error: <message>` to stderr and exit with status 2 (bad input, never a traceback)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_images(paths, source=""):
+    """Fail unless every image file exists (os.path.exists only: fast enough for 1.5M MALS images)."""
+    missing = [i for i, path in enumerate(paths) if not os.path.exists(path)]
+    if missing:
+        where = f"{source}: " if source else ""
+        fail(f"{where}{len(missing)} of {len(paths)} image files are missing, the first is entry {missing[0]}: "
+             f"{paths[missing[0]]}; check the image root (or --data-root) and that the images were extracted")
+
+
+def _load_json_list(path, what):
+    """Read a JSON file holding a list (of dicts or of anything); fail clearly on every problem."""
+    if not os.path.isfile(path):
+        fail(f"{path}: {what} file not found; check the path or --data-root")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as error:
+        fail(f"{path}: malformed JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
+             f"re-download or regenerate the file")
+    except UnicodeDecodeError:
+        fail(f"{path}: not UTF-8 text; expected a JSON {what} file")
+    if not isinstance(data, list):
+        fail(f"{path}: expected a JSON list of objects ({what}), got {type(data).__name__}")
+    return data
+
+
+def _field(entry, key, path, index, kind=None):
+    """entry[key] with a clear failure naming the file, the entry index and the fix."""
+    if not isinstance(entry, dict):
+        fail(f"{path}: entry {index} is a {type(entry).__name__}, expected a JSON object")
+    if key not in entry:
+        fail(f"{path}: entry {index} has no \"{key}\" field (keys: {sorted(entry)}); fix or remove the entry")
+    value = entry[key]
+    if kind is not None and not isinstance(value, kind):
+        fail(f"{path}: entry {index}: \"{key}\" must be {getattr(kind, '__name__', kind)}, "
+             f"got {type(value).__name__}")
+    return value
+
+
+def _caption(value, path, index):
+    if not isinstance(value, str) or not value.strip():
+        fail(f"{path}: entry {index} has an empty or non-text caption ({value!r}); fix or remove the entry")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Normalisation constants (spec §4.6; the only copy in minAPTM)
+
+NORMALIZATION = {
+    "mals": ((0.4416847, 0.41812873, 0.4237452), (0.3088255, 0.29743394, 0.301009)),
+    "cuhk": ((0.38901278, 0.3651612, 0.34836376), (0.24344306, 0.23738699, 0.23368555)),
+    "icfg": ((0.30941582, 0.28956893, 0.30347288), (0.25849792, 0.24547698, 0.2366199)),
+    "rstp": ((0.27722597, 0.26065794, 0.3036557), (0.2609547, 0.2508087, 0.25293276)),
+    "pa100k": ((0.46485138, 0.45038012, 0.4632019), (0.25088054, 0.24609283, 0.24240193)),
+}
+NORMALIZATION["synthetic"] = NORMALIZATION["cuhk"]  # our choice: the synthetic world stands in for CUHK-PEDES
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer (spec §1.3): [CLS] + word-pieces, no [SEP], pad with [PAD] = 0
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # offline vocab: [PAD] = 0 first
+
+
+class Tokenizer:
+    """BERT-uncased word-piece tokenizer that encodes one sequence as `[CLS] w1 … wn` (no [SEP]).
+
+    The lower-casing, accent stripping and punctuation splitting are transformers' BertTokenizer (the same
+    basic tokenizer as bert-base-uncased); only the vocabulary differs between `from_corpus` (offline,
+    built from the captions and prompts) and `from_bert_dir` (that folder's vocab.txt: CLS 101, MASK 103).
+    """
+
+    def __init__(self, vocab, do_lower_case=True):
+        from transformers import BertTokenizer
+        for token in SPECIAL_TOKENS:
+            if token not in vocab:
+                fail(f"tokenizer vocabulary lacks the special token {token}; use a BERT vocab.txt")
+        self.vocab = list(vocab)
+        self.do_lower_case = do_lower_case
+        token_to_id = {token: i for i, token in enumerate(self.vocab)}
+        self._hf = BertTokenizer(vocab=token_to_id, do_lower_case=do_lower_case)
+        self._backend = self._hf.backend_tokenizer
+        self.pad_id = token_to_id["[PAD]"]
+        self.cls_id = token_to_id["[CLS]"]
+        self.mask_id = token_to_id["[MASK]"]
+        self.unk_id = token_to_id["[UNK]"]
+        self.vocab_size = len(self.vocab)
+        self.is_subword = torch.tensor([t.startswith("##") for t in self.vocab], dtype=torch.bool)  # (V,)
+
+    @classmethod
+    def from_corpus(cls, texts):
+        """Word-level vocab from `texts` (pass the captions AND the attribute prompts): the specials, single
+        characters and common punctuation, the letters' and digits' ## forms (so any word can be spelled),
+        then every basic-tokenizer word of `texts` and of the EDA synonym table, sorted."""
+        from transformers import BertTokenizer
+        basic = BertTokenizer(vocab={t: i for i, t in enumerate(SPECIAL_TOKENS)}).backend_tokenizer
+        words = set()
+        for text in list(texts) + [" ".join(v) + " " + k for k, v in EDA_SYNONYMS.items()]:
+            normalized = basic.normalizer.normalize_str(text)
+            words.update(w for w, _ in basic.pre_tokenizer.pre_tokenize_str(normalized))
+        chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()/&") | {w for w in words if len(w) == 1})
+        pieces = chars + ["##" + c for c in chars if c.isalnum()]
+        vocab = SPECIAL_TOKENS + pieces + sorted(words - set(pieces) - set(SPECIAL_TOKENS))
+        return cls(vocab)
+
+    @classmethod
+    def from_bert_dir(cls, path):
+        vocab_file = os.path.join(path, "vocab.txt")
+        if not os.path.isfile(vocab_file):
+            fail(f"{vocab_file}: not found; --bert must be a bert-base-uncased folder holding vocab.txt")
+        with open(vocab_file, encoding="utf-8") as f:
+            vocab = [line.rstrip("\n") for line in f]
+        return cls(vocab)
+
+    def __getstate__(self):  # pickled (e.g. into spawned DataLoader workers) as its small state
+        return self.state()
+
+    def __setstate__(self, state):
+        self.__init__(state["vocab"], state.get("do_lower_case", True))
+
+    def state(self):
+        """Small dict stored in checkpoints (rebuilds the tokenizer offline)."""
+        return {"vocab": list(self.vocab), "do_lower_case": self.do_lower_case}
+
+    @classmethod
+    def from_state(cls, state):
+        return cls(state["vocab"], state.get("do_lower_case", True))
+
+    def tokenize(self, text):
+        return self._backend.encode(text, add_special_tokens=False).tokens
+
+    def decode(self, ids):
+        return " ".join(self.vocab[i] for i in ids if i != self.pad_id).replace(" ##", "")
+
+    def __call__(self, texts, max_length, padding="max_length"):
+        """texts → (input_ids (B, L) long, attention_mask (B, L) long), L = max_length or the longest row.
+
+        Spec §1.3: at most max_length − 1 word-pieces are kept, [CLS] is prepended, no [SEP], [PAD] = pad_id
+        fills; the mask is 1 on [CLS] and the pieces.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if padding not in ("max_length", "longest"):
+            fail(f"tokenizer padding must be 'max_length' or 'longest', got {padding!r}")
+        rows = [[self.cls_id] + self._backend.encode(text, add_special_tokens=False).ids[:max_length - 1]
+                for text in texts]  # one encode per text: no Rust thread pool, so forking workers stays quiet
+        length = max_length if padding == "max_length" else max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)  # (B, L)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)  # (B, L)
+        for b, row in enumerate(rows):
+            input_ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[b, :len(row)] = 1
+        return input_ids, attention_mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MLM masking (spec §2.4; official dataset/re_dataset.py TextMaskingGenerator)
+
+
+def mask_tokens(input_ids, tokenizer, generator, mask_prob=0.25, max_masks=10, skipgram_prb=0.2,
+                skipgram_size=3, whole_word=True):
+    """Mask each row of a padded batch exactly as the official TextMaskingGenerator (spec §2.4).
+
+    input_ids (B, L) with [CLS] at position 0 → masked_ids (B, L), masked_pos (B, M), masked_labels (B, M),
+    M = max_masks. Positions 1..L−1 are all candidates, [PAD] included; n_pred = min(max_masks,
+    max(1, round(L·mask_prob))) on the padded length L with Python's banker's round. Padding: masked_pos 0,
+    masked_labels −100. Selected positions are listed in increasing order (the official order is a set's;
+    the loss does not depend on it). All randomness comes from `generator` (a torch.Generator; None = the
+    global torch RNG).
+    """
+    batch_size, length = input_ids.shape
+    n_pred = min(max_masks, max(1, int(round(length * mask_prob))))
+    is_subword = tokenizer.is_subword
+    masked_ids = input_ids.clone()  # (B, L)
+    masked_pos = torch.zeros((batch_size, max_masks), dtype=torch.long)  # (B, M)
+    masked_labels = torch.full((batch_size, max_masks), -100, dtype=torch.long)  # (B, M)
+    last_cand = length - 1
+    for b in range(batch_size):
+        ids = input_ids[b].tolist()
+        sub = is_subword[input_ids[b]].tolist()  # sub[p]: token p starts with "##"
+        order = (torch.randperm(length - 1, generator=generator) + 1).tolist()  # candidates 1..L−1, shuffled
+        use_span = (torch.rand(length - 1, generator=generator) < skipgram_prb).tolist()
+        span_len = torch.randint(2, max(2, skipgram_size) + 1, (length - 1,), generator=generator).tolist()
+        chosen = set()
+        for i, pos in enumerate(order):
+            if len(chosen) >= n_pred:
+                break
+            if pos in chosen:
+                continue
+            start, end = pos, pos + (span_len[i] if (skipgram_size >= 2 and use_span[i]) else 1)
+            if whole_word:  # expand to whole words: left while the token is "##…", right while the next is
+                while start >= 0 and sub[start]:
+                    start -= 1
+                while end < length and sub[end]:
+                    end += 1
+            for p in range(start, end):
+                if not 0 < p <= last_cand:
+                    break
+                chosen.add(p)
+        chosen = sorted(chosen)
+        if len(chosen) > n_pred:  # keep a random subset of n_pred
+            keep = torch.randperm(len(chosen), generator=generator)[:n_pred].tolist()
+            chosen = sorted(chosen[k] for k in keep)
+        u_mask = torch.rand(len(chosen), generator=generator).tolist()
+        u_random = torch.rand(len(chosen), generator=generator).tolist()
+        random_ids = torch.randint(0, tokenizer.vocab_size, (len(chosen),), generator=generator).tolist()
+        for j, p in enumerate(chosen):
+            masked_pos[b, j] = p
+            masked_labels[b, j] = ids[p]
+            if u_mask[j] < 0.8:  # 80% [MASK]
+                masked_ids[b, p] = tokenizer.mask_id
+            elif u_random[j] < 0.5:  # 10% a random id in [0, V) (specials included), 10% unchanged
+                masked_ids[b, p] = random_ids[j]
+    return masked_ids, masked_pos, masked_labels
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text preprocessing (spec §4.7)
+
+
+def clean_caption(caption):
+    """ICFG/RSTP cleaning: lower-case, runs of characters outside [0-9a-z] → one space, strip."""
+    return re.sub(r"\s{2,}", " ", re.sub(r"[^0-9a-z]+", " ", caption.lower())).strip(" ")
+
+
+def pre_caption(caption, max_words=56, clean=False, eda_rng=None):
+    """Spec §4.7: optional ICFG/RSTP cleaning, optional EDA (when `eda_rng` is given), truncation to
+    `max_words` words (split on single spaces, as the official code). An empty result is an error."""
+    if clean:
+        caption = clean_caption(caption)
+    if eda_rng is not None:
+        caption = eda(caption, eda_rng)
+    words = caption.split(" ")
+    if len(words) > max_words:
+        caption = " ".join(words[:max_words])
+    if not caption.strip():
+        raise ValueError("pre_caption yields an empty caption")
+    return caption
+
+
+# EDA's standard English stop-word list (Wei & Zou, eda.py), '' included.
+EDA_STOP_WORDS = set(
+    "i me my myself we our ours ourselves you your yours yourself yourselves he him his himself she her hers "
+    "herself it its itself they them their theirs themselves what which who whom this that these those am is "
+    "are was were be been being have has had having do does did doing a an the and but if or because as until "
+    "while of at by for with about against between into through during before after above below to from up "
+    "down in out on off over under again further then once here there when where why how all any both each few "
+    "more most other some such no nor not only own same so than too very s t can will just don should now"
+    .split()) | {""}
+
+# Offline synonym source for EDA (deviation from WordNet, documented in the module docstring): a small table
+# for the person/clothing vocabulary. Lookup is symmetric within each group.
+_SYNONYM_GROUPS = [
+    "man guy gentleman male", "woman lady female", "girl lass", "boy lad", "child kid youngster",
+    "person individual pedestrian someone", "wearing sporting donning", "wears sports dons",
+    "carrying holding toting", "carries holds totes", "shirt top tee", "jacket coat", "sweater jumper pullover",
+    "pants trousers slacks", "jeans denims", "skirt kilt", "dress gown frock", "shoes footwear",
+    "sneakers trainers", "boots booties", "hat cap", "backpack knapsack rucksack", "handbag purse",
+    "bag satchel", "hair locks", "long lengthy", "short brief", "black dark", "white pale", "red crimson",
+    "blue azure", "green emerald", "gray grey", "brown tan", "purple violet", "yellow golden", "pink rosy",
+    "walking strolling", "slim thin slender", "heavy stout chubby", "tall lanky", "small little",
+    "big large", "young youthful", "shoulder shoulders", "looks appears", "has owns",
+]
+EDA_SYNONYMS = {}
+for _group in _SYNONYM_GROUPS:
+    _words = _group.split()
+    for _w in _words:
+        EDA_SYNONYMS[_w] = [v for v in _words if v != _w]
+
+
+def _eda_clean(line):
+    """EDA get_only_chars: drop apostrophes, hyphens/tabs/newlines → space, lower, keep [a-z ] only."""
+    line = line.replace("’", "").replace("'", "").replace("-", " ").replace("\t", " ").replace("\n", " ")
+    line = "".join(c if c in "abcdefghijklmnopqrstuvwxyz " else " " for c in line.lower())
+    return re.sub(" +", " ", line).lstrip(" ")
+
+
+def eda(sentence, rng, alpha_sr=0.1, alpha_ri=0.1, alpha_rs=0.1, p_rd=0.1):
+    """One EDA augmentation (spec §4.7, num_aug = 1): build one SR, RI, RS and RD candidate, clean each,
+    shuffle the four and return the first. `rng` is a random.Random."""
+    sentence = _eda_clean(sentence)
+    words = [w for w in sentence.split(" ") if w != ""]
+    if not words:
+        return sentence
+    n = len(words)
+    candidates = [
+        _synonym_replacement(words, max(1, int(alpha_sr * n)), rng),
+        _random_insertion(words, max(1, int(alpha_ri * n)), rng),
+        _random_swap(words, max(1, int(alpha_rs * n)), rng),
+        _random_deletion(words, p_rd, rng),
+    ]
+    candidates = [_eda_clean(" ".join(c)) for c in candidates]
+    rng.shuffle(candidates)
+    return candidates[0]
+
+
+def _synonym_replacement(words, n, rng):
+    new_words = list(words)
+    pool = sorted(set(w for w in words if w not in EDA_STOP_WORDS))
+    rng.shuffle(pool)
+    replaced = 0
+    for word in pool:
+        synonyms = EDA_SYNONYMS.get(word, [])
+        if synonyms:
+            synonym = rng.choice(synonyms)
+            new_words = [synonym if w == word else w for w in new_words]
+            replaced += 1
+        if replaced >= n:
+            break
+    return " ".join(new_words).split(" ")
+
+
+def _random_insertion(words, n, rng):
+    new_words = list(words)
+    for _ in range(n):
+        synonyms, tries = [], 0
+        while not synonyms:
+            synonyms = EDA_SYNONYMS.get(new_words[rng.randint(0, len(new_words) - 1)], [])
+            tries += 1
+            if tries >= 10:
+                break
+        if synonyms:
+            new_words.insert(rng.randint(0, len(new_words) - 1), synonyms[0])
+    return new_words
+
+
+def _random_swap(words, n, rng):
+    new_words = list(words)
+    for _ in range(n):
+        i = rng.randint(0, len(new_words) - 1)
+        j, tries = i, 0
+        while j == i and tries <= 3:
+            j = rng.randint(0, len(new_words) - 1)
+            tries += 1
+        new_words[i], new_words[j] = new_words[j], new_words[i]
+    return new_words
+
+
+def _random_deletion(words, p, rng):
+    if len(words) == 1:
+        return list(words)
+    kept = [w for w in words if rng.uniform(0, 1) > p]
+    return kept if kept else [words[rng.randint(0, len(words) - 1)]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Image transforms without torchvision (spec §4.6). Each transform is called as t(image, rng) with a
+# random.Random; rng=None uses the module `random` (which DataLoader seeds per worker).
+
+RANDAUG_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
+               "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+RANDAUG_FILL = (128, 128, 128)  # official replace value for geometric ops
+
+
+class RandAugment:
+    """RandomAugment(N=2, M=7) of the official code (spec §4.6): N ops drawn with replacement, each applied
+    with probability 0.5 at level M of 10 (Brightness/Sharpness ×1.36, shear ±0.21, translate ±7 px at
+    W = 128, rotate ±21°)."""
+
+    def __init__(self, num_ops=2, magnitude=7, max_level=10):
+        self.num_ops, self.level = num_ops, magnitude / max_level
+
+    def __call__(self, image, rng=None):
+        rng = rng or random
+        for name in [RANDAUG_OPS[rng.randrange(len(RANDAUG_OPS))] for _ in range(self.num_ops)]:
+            if rng.random() > 0.5:
+                continue
+            image = self.apply(image, name, rng)
+        return image
+
+    def apply(self, image, name, rng=None):
+        rng = rng or random
+        sign = 1 if rng.random() > 0.5 else -1
+        width, height = image.size
+        if name == "Identity":
+            return image
+        if name == "AutoContrast":
+            return ImageOps.autocontrast(image, cutoff=0)
+        if name == "Equalize":
+            return ImageOps.equalize(image)
+        if name == "Brightness":  # pixels × (0.7·1.8 + 0.1) through a clipped LUT
+            factor = self.level * 1.8 + 0.1
+            return image.point([min(255, int(v * factor)) for v in range(256)] * 3)
+        if name == "Sharpness":
+            return ImageEnhance.Sharpness(image).enhance(self.level * 1.8 + 0.1)
+        if name in ("ShearX", "ShearY"):
+            shear = sign * self.level * 0.3
+            matrix = (1, shear, 0, 0, 1, 0) if name == "ShearX" else (1, 0, 0, shear, 1, 0)
+            return image.transform(image.size, Image.Transform.AFFINE, matrix, Image.Resampling.BILINEAR,
+                                   fillcolor=RANDAUG_FILL)
+        if name in ("TranslateX", "TranslateY"):
+            shift = sign * self.level * 10 * width / 128  # 7 px at the paper's width 128 (our scaling)
+            matrix = (1, 0, shift, 0, 1, 0) if name == "TranslateX" else (1, 0, 0, 0, 1, shift)
+            return image.transform(image.size, Image.Transform.AFFINE, matrix, Image.Resampling.BILINEAR,
+                                   fillcolor=RANDAUG_FILL)
+        if name == "Rotate":
+            return image.rotate(sign * self.level * 30, Image.Resampling.BILINEAR, fillcolor=RANDAUG_FILL)
+        raise ValueError(f"unknown RandAugment op {name}")
+
+
+class RandomErasing:
+    """Random erasing (spec §4.6): with probability p, up to 100 attempts at a rectangle of area
+    U(0.02, 0.4)·H·W and aspect U(0.3, 1/0.3); h = round(√(area·r)), w = round(√(area/r)), h < H, w < W;
+    fill 0 (the dataset mean after normalisation)."""
+
+    def __init__(self, p=0.6, area=(0.02, 0.4), aspect=0.3, attempts=100, value=0.0):
+        self.p, self.area, self.aspect, self.attempts, self.value = p, area, aspect, attempts, value
+
+    def __call__(self, image, rng=None):  # image (3, H, W) float tensor or array, erased in place
+        rng = rng or random
+        if rng.uniform(0, 1) >= self.p:
+            return image
+        _, height, width = image.shape
+        for _ in range(self.attempts):
+            target_area = rng.uniform(*self.area) * height * width
+            ratio = rng.uniform(self.aspect, 1 / self.aspect)
+            h = int(round(math.sqrt(target_area * ratio)))
+            w = int(round(math.sqrt(target_area / ratio)))
+            if w < width and h < height:
+                top = rng.randint(0, height - h)
+                left = rng.randint(0, width - w)
+                image[:, top:top + h, left:left + w] = self.value
+                return image
+        return image
+
+
+def _normalized_array(image, mean, std):
+    """PIL RGB → (3, H, W) float32 numpy: ToTensor ([0, 1]) then Normalize, (x/255 − mean)/std in one pass."""
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+    std = np.asarray(std, dtype=np.float32)
+    normalized = array.astype(np.float32) * (1 / (255 * std)) - np.asarray(mean, dtype=np.float32) / std
+    return np.ascontiguousarray(normalized.transpose(2, 0, 1))  # (3, H, W)
+
+
+def to_tensor(image, mean, std):
+    """PIL RGB → (3, H, W) float32 tensor, normalised (ToTensor + Normalize)."""
+    return torch.from_numpy(_normalized_array(image, mean, std))
+
+
+class ImageTransform:
+    """Resize (bicubic) → [flip 0.5 → RandAugment(2, 7)] → ToTensor+Normalize → [RandomErasing] (spec §4.6).
+    Call as transform(pil_image, rng=None) → (3, H, W) float tensor."""
+
+    def __init__(self, image_size, normalization, train, erasing_p=0.6):
+        if isinstance(normalization, str):
+            if normalization not in NORMALIZATION:
+                fail(f"unknown normalization {normalization!r}; choose one of {sorted(NORMALIZATION)}")
+            normalization = NORMALIZATION[normalization]
+        self.height, self.width = image_size
+        self.mean, self.std = normalization
+        self.train = train
+        self.randaugment = RandAugment(2, 7)
+        self.erasing = RandomErasing(erasing_p)
+
+    def __call__(self, image, rng=None):
+        rng = rng or random
+        image = image.convert("RGB").resize((self.width, self.height), Image.Resampling.BICUBIC)
+        if self.train:
+            if rng.random() < 0.5:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            image = self.randaugment(image, rng)
+        array = _normalized_array(image, self.mean, self.std)  # (3, H, W)
+        if self.train and self.erasing.p > 0:
+            array = self.erasing(array, rng)
+        return torch.from_numpy(array)
+
+
+def train_transform(image_size, normalization, erasing_p=0.6):
+    return ImageTransform(image_size, normalization, train=True, erasing_p=erasing_p)
+
+
+def test_transform(image_size, normalization):
+    return ImageTransform(image_size, normalization, train=False)
+
+
+def load_image(path):
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        fail(f"{path}: image file not found; check the image root")
+    except OSError as error:
+        fail(f"{path}: cannot read the image ({error}); re-extract the dataset")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Readers (spec §4.2–4.4)
+
+MALS_NUM_ATTRIBUTES = 27  # spec §3.1
+RETRIEVAL_SPLITS = {"cuhk": ("train", "val", "test"), "icfg": ("train", "test"), "rstp": ("train", "val", "test"),
+                    "synthetic": ("train", "val", "test")}
+CLEAN_TEST_CAPTIONS = {"cuhk": False, "icfg": True, "rstp": True, "synthetic": False}  # spec §4.7 icfg_rstp
+
+
+@dataclass
+class TestSet:
+    """A retrieval val/test split (spec §4.4): the gallery in file order and all captions in file order."""
+    image_paths: list  # G gallery images
+    g_pids: list  # G person ids (int)
+    captions: list  # Q captions, pre_caption'd (cleaned for ICFG/RSTP)
+    q_pids: list  # Q person ids of the captions' images
+
+
+def _expand_paths(ann_paths_or_globs):
+    if isinstance(ann_paths_or_globs, str):
+        ann_paths_or_globs = [ann_paths_or_globs]
+    paths = []
+    for pattern in ann_paths_or_globs:
+        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        if not matches:
+            fail(f"{pattern}: no annotation file matches this pattern; check the path")
+        paths += matches
+    return paths
+
+
+def _check_label(label, path, index, num_attributes, allowed):
+    if not isinstance(label, list) or len(label) != num_attributes:
+        size = len(label) if isinstance(label, list) else type(label).__name__
+        fail(f"{path}: entry {index}: \"label\" must be a list of {num_attributes} ints, got {size}; "
+             f"regenerate the annotation file")
+    if any(v not in allowed for v in label) or any(isinstance(v, bool) for v in label):
+        fail(f"{path}: entry {index}: \"label\" values must be in {sorted(allowed)}, got {label}")
+    return label
+
+
+def read_mals(ann_paths_or_globs, image_root, check=True):
+    """MALS `*_attrs.json` files (spec §4.2) → list of dicts {"image": path, "caption", "pid", "label"}.
+
+    `image_id` is unique per image in MALS and is the ITC/ITM identity; pids are remapped to 0..N−1 by first
+    appearance. `label` has 27 values in {1, 0, −1} (spec §3.1)."""
+    entries, pid_of = [], {}
+    for path in _expand_paths(ann_paths_or_globs):
+        for i, entry in enumerate(_load_json_list(path, "MALS annotation")):
+            image = _field(entry, "image", path, i, str)
+            caption = _caption(_field(entry, "caption", path, i), path, i)
+            image_id = _field(entry, "image_id", path, i)
+            label = _check_label(_field(entry, "label", path, i), path, i, MALS_NUM_ATTRIBUTES, {-1, 0, 1})
+            pid = pid_of.setdefault(image_id, len(pid_of))
+            entries.append({"image": os.path.join(image_root, image), "caption": caption, "pid": pid,
+                            "label": label})
+    if not entries:
+        fail(f"{ann_paths_or_globs}: the MALS annotation files hold no entries")
+    if check:
+        check_images([e["image"] for e in entries], "MALS")
+    return entries
+
+
+def _default_retrieval_file(dataset, data_root, split):
+    if dataset == "synthetic":
+        return _synthetic_world(data_root)["cuhk_raw"]
+    raw = {"cuhk": "reid_raw.json", "icfg": "ICFG-PEDES.json", "rstp": "data_captions.json"}[dataset]
+    candidates = [os.path.join(data_root, raw), os.path.join(data_root, f"{dataset}_{split}.json"),
+                  os.path.join(data_root, "finetune", f"{dataset}_{split}.json")]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    fail(f"{data_root}: found none of {', '.join(candidates)}; point --data-root at the {dataset} folder "
+         f"(official {raw} + imgs/, or APTM's processed {dataset}_{split}.json)")
+
+
+def _pick_image_root(first_image, candidates):
+    for root in candidates:
+        if os.path.exists(os.path.join(root, first_image)):
+            return root
+    return candidates[0]
+
+
+def load_retrieval(dataset, data_root, split, image_root=None, max_words=56, check=True):
+    """read_retrieval on a dataset folder, knowing each dataset's default file names: the official raw file
+    (reid_raw.json, ICFG-PEDES.json, data_captions.json) or APTM's processed {dataset}_{split}.json.
+    "synthetic" reads (and if needed generates) data_root/cuhk/reid_raw.json. A file path is read as it is."""
+    if dataset not in RETRIEVAL_SPLITS:
+        fail(f"unknown retrieval dataset {dataset!r}; choose one of {sorted(RETRIEVAL_SPLITS)}")
+    if data_root is None:
+        data_root = "data/synthetic" if dataset == "synthetic" else f"data/{dataset}"
+    if os.path.isfile(data_root):  # a file given directly
+        return read_retrieval(dataset, data_root, split, image_root=image_root, max_words=max_words, check=check)
+    if dataset != "synthetic" and not os.path.isdir(data_root):
+        fail(f"{data_root}: no such folder; pass --data-root pointing at the {dataset} data")
+    path = _default_retrieval_file(dataset, data_root, split)
+    return read_retrieval(dataset, path, split, image_root=image_root, max_words=max_words, check=check)
+
+
+def read_retrieval(dataset, path, split, image_root=None, max_words=56, check=True):
+    """A retrieval split of CUHK-PEDES / ICFG-PEDES / RSTPReid / the synthetic world (spec §4.2–4.4).
+
+    `path` is a data folder (→ load_retrieval), an official raw file (reid_raw.json, ICFG-PEDES.json,
+    data_captions.json; the format is recognised from its fields) or APTM's processed {dataset}_{split}.json.
+    train → list of (image_path, caption, pid), one per caption, pid 0..N−1 by first appearance, captions raw
+    (the dataset applies pre_caption). val/test → TestSet, captions pre_caption'd (cleaned for icfg/rstp)."""
+    if dataset not in RETRIEVAL_SPLITS:
+        fail(f"unknown retrieval dataset {dataset!r}; choose one of {sorted(RETRIEVAL_SPLITS)}")
+    if split not in RETRIEVAL_SPLITS[dataset]:
+        fail(f"unknown split {split!r} for {dataset}; choose one of {RETRIEVAL_SPLITS[dataset]}"
+             + (" (ICFG-PEDES has no val split)" if dataset == "icfg" and split == "val" else ""))
+    if os.path.isdir(path):
+        return load_retrieval(dataset, path, split, image_root, max_words, check)
+    data = _load_json_list(path, f"{dataset} annotation")
+    if not data:
+        fail(f"{path}: the annotation file holds no entries")
+    first = data[0] if isinstance(data[0], dict) else {}
+    folder = os.path.dirname(os.path.abspath(path))
+    # (image, captions, person id) per image of the split, in file order
+    items = []
+    if "file_path" in first or "img_path" in first:  # official raw format (spec §4.3)
+        image_key = "file_path" if "file_path" in first else "img_path"
+        for i, entry in enumerate(data):
+            entry_split = _field(entry, "split", path, i, str)
+            if entry_split not in ("train", "val", "test"):
+                fail(f"{path}: entry {i} has an unknown split {entry_split!r}; expected train, val or test")
+            if entry_split != split:
+                continue
+            captions = _field(entry, "captions", path, i, list)
+            if not captions:
+                fail(f"{path}: entry {i} has an empty caption list; fix or remove the entry")
+            captions = [_caption(c, path, i) for c in captions]
+            items.append((_field(entry, image_key, path, i, str), captions, _field(entry, "id", path, i)))
+        if image_root is None:
+            image_root = os.path.join(folder, "imgs")
+    else:  # APTM processed json (spec §4.2)
+        for i, entry in enumerate(data):
+            caption = _field(entry, "caption", path, i)
+            if isinstance(caption, list):
+                if not caption:
+                    fail(f"{path}: entry {i} has an empty caption list; fix or remove the entry")
+                captions = [_caption(c, path, i) for c in caption]
+            else:
+                captions = [_caption(caption, path, i)]
+            if split != "train" and dataset == "icfg":
+                captions = captions[:1]  # re_test_dataset_icfg uses caption[0] only (spec §4.2)
+            items.append((_field(entry, "image", path, i, str), captions, _field(entry, "image_id", path, i)))
+        if image_root is None and items:
+            image_root = _pick_image_root(items[0][0], [folder, os.path.join(folder, "imgs")])
+    if not items:
+        fail(f"{path}: no entries for split {split!r}; check the file and the split name")
+    for i, (_, _, person) in enumerate(items):
+        if not isinstance(person, (int, str)) or isinstance(person, bool):
+            fail(f"{path}: entry {i}: the person id must be an int or a string, got {person!r}")
+    image_paths = [os.path.join(image_root, image) for image, _, _ in items]
+    if check:
+        check_images(image_paths, path)
+    if split == "train":
+        pid_of = {}
+        return [(image_path, caption, pid_of.setdefault(person, len(pid_of)))
+                for image_path, (_, captions, person) in zip(image_paths, items) for caption in captions]
+    numeric = all(isinstance(p, int) or str(p).lstrip("-").isdigit() for _, _, p in items)
+    pid_of = {}
+    pids = [int(p) if numeric else pid_of.setdefault(p, len(pid_of)) for _, _, p in items]
+    clean = CLEAN_TEST_CAPTIONS[dataset]
+    captions, q_pids = [], []
+    for j, (_, item_captions, _) in enumerate(items):
+        for caption in item_captions:
+            try:
+                captions.append(pre_caption(caption, max_words, clean=clean))
+            except ValueError:
+                fail(f"{path}: entry {j}: a caption is empty after cleaning ({caption!r}); fix the entry")
+            q_pids.append(pids[j])
+    return TestSet(image_paths, pids, captions, q_pids)
+
+
+def read_attributes(path_or_dataset, image_root=None, split="test", check=True):
+    """Attribute-recognition split → list of (image_path, label list).
+
+    `path_or_dataset`: APTM's PA100K_{split}.json (26 labels, spec §4.2), a PA-100K annotation.mat
+    (HydraPlus-Net release; needs scipy), a folder holding either, "synthetic" (data/synthetic, 27 full MALS
+    labels) or a synthetic attr_{split}.json. Labels are in {0, 1}; all rows must have the same length
+    (26 or 27)."""
+    source = path_or_dataset
+    if source == "synthetic":
+        paths = _synthetic_world("data/synthetic")
+        source = paths[f"attr_{split}"] if f"attr_{split}" in paths else fail(
+            f"unknown split {split!r} for the synthetic attributes; choose train or test")
+    if os.path.isdir(source):
+        candidates = [os.path.join(source, f"PA100K_{split}.json"), os.path.join(source, "annotation.mat"),
+                      os.path.join(source, f"attr_{split}.json")]
+        found = [c for c in candidates if os.path.isfile(c)]
+        if not found:
+            fail(f"{source}: found none of {', '.join(candidates)}; point at the PA-100K folder")
+        source = found[0]
+    folder = os.path.dirname(os.path.abspath(source))
+    if source.endswith(".mat"):
+        items = _read_pa100k_mat(source, split)
+        if image_root is None:
+            image_root = _pick_image_root(items[0][0], [os.path.join(folder, "release_data", "release_data"),
+                                                        os.path.join(folder, "release_data"), folder])
+    else:
+        data = _load_json_list(source, "attribute annotation")
+        if not data:
+            fail(f"{source}: the attribute file holds no entries")
+        first_label = _field(data[0], "label", source, 0)
+        size = len(first_label) if isinstance(first_label, list) else -1
+        if size not in (26, 27):
+            fail(f"{source}: entry 0: \"label\" must hold 26 (PA-100K) or 27 (MALS) values, got {size}")
+        items = [(_field(e, "image", source, i, str), _check_label(_field(e, "label", source, i), source, i,
+                                                                   size, {0, 1}))
+                 for i, e in enumerate(data)]
+        if image_root is None:
+            image_root = _pick_image_root(items[0][0], [folder, os.path.join(folder, "release_data")])
+    entries = [(os.path.join(image_root, image), label) for image, label in items]
+    if check:
+        check_images([e[0] for e in entries], source)
+    return entries
+
+
+def _read_pa100k_mat(path, split):
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        fail(f"{path}: reading annotation.mat needs scipy (pip install scipy), or use APTM's PA100K_{split}.json")
+    if split not in ("train", "val", "test"):
+        fail(f"unknown split {split!r} for PA-100K; choose train, val or test")
+    try:
+        mat = loadmat(path)
+    except Exception as error:  # scipy raises several types for a broken file
+        fail(f"{path}: cannot read the .mat file ({error}); re-download annotation.mat")
+    names_key, label_key = f"{split}_images_name", f"{split}_label"
+    if names_key not in mat or label_key not in mat:
+        fail(f"{path}: has no {names_key}/{label_key}; expected the HydraPlus-Net PA-100K annotation.mat")
+    names = [str(np.asarray(n).ravel()[0]) for n in np.asarray(mat[names_key]).ravel()]
+    labels = np.asarray(mat[label_key]).astype(int)
+    if labels.shape != (len(names), 26):
+        fail(f"{path}: {label_key} has shape {labels.shape}, expected ({len(names)}, 26)")
+    return [(name, [int(v) for v in row]) for name, row in zip(names, labels)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The synthetic pedestrian world ("synthetic MALS", DESIGN §5)
+#
+# An identity has fixed MALS attributes (spec §3.1 polarity: 0 = woman / younger than 18 / short hair / has a
+# hat, backpack, handbag, bag / long sleeves / long lower / dress-or-skirt / wears that colour) plus fixed
+# details (skin, hair, shoe colour, build). Each image redraws pose, scale, position, background, lighting and
+# noise. Captions mention a random subset of facts; the 27-dim label is derived from the caption's WORDS by
+# keyword rules (`label_caption`), −1 where the caption is silent, as MALS was labelled (APTM#31).
+
+UPPER_COLOURS = ("black", "white", "red", "purple", "yellow", "blue", "green", "gray")  # attributes 10–17
+LOWER_COLOURS = ("black", "white", "purple", "yellow", "blue", "green", "pink", "gray", "brown")  # 18–26
+PALETTE = {"black": (28, 28, 32), "white": (232, 232, 226), "red": (196, 32, 36), "purple": (118, 52, 150),
+           "yellow": (228, 198, 40), "blue": (38, 72, 178), "green": (42, 138, 60), "gray": (126, 126, 128),
+           "pink": (236, 142, 172), "brown": (118, 76, 42), "orange": (230, 120, 30)}
+UPPER_COLOUR_P = (0.22, 0.16, 0.12, 0.06, 0.07, 0.16, 0.08, 0.13)  # our choice: dark and blue tops are common
+LOWER_COLOUR_P = (0.28, 0.08, 0.04, 0.03, 0.25, 0.05, 0.05, 0.12, 0.10)
+SKIN_TONES = ((241, 206, 178), (224, 178, 140), (190, 140, 100), (141, 96, 66), (96, 64, 44))
+HAIR_COLOURS = {"black": (20, 18, 18), "brown": (92, 58, 32), "blonde": (214, 180, 110), "gray": (160, 160, 160)}
+SHOE_COLOURS = ("black", "white", "brown", "gray", "red", "blue")
+BUILDS = {"slim": 0.86, "average": 1.0, "heavy": 1.18}
+
+_COLOUR_WORDS = {c: c for c in set(UPPER_COLOURS) | set(LOWER_COLOURS)} | {"grey": "gray", "navy": "blue"}
+_UPPER_NOUNS = "shirt|tee|top|blouse|jacket|coat|sweater|hoodie|cardigan"
+_LOWER_NOUNS = "pants|trousers|jeans|slacks|shorts|skirt|dress"
+_MODIFIER = "(?:long sleeved |short sleeved |long sleeve |short sleeve |long |short |mini |maxi |t |loose |tight )"
+_COLOUR_RE = "(" + "|".join(sorted(_COLOUR_WORDS)) + ")"
+_UPPER_COLOUR_RES = [re.compile(rf" {_COLOUR_RE} {_MODIFIER}{{0,2}}(?:{_UPPER_NOUNS}) "),
+                     re.compile(rf" (?:{_UPPER_NOUNS}) (?:is|was) {_COLOUR_RE} ")]
+_LOWER_COLOUR_RES = [re.compile(rf" {_COLOUR_RE} {_MODIFIER}{{0,2}}(?:{_LOWER_NOUNS}) "),
+                     re.compile(rf" (?:{_LOWER_NOUNS}) (?:is|are|was|were) {_COLOUR_RE} ")]
+
+
+def _keyword(text, pattern):
+    return re.search(pattern, text) is not None
+
+
+def label_caption(caption):
+    """MALS 27-dim label from a caption's words by keyword rules (spec §3.1 polarity; −1 where silent).
+
+    Explicit matching (man/woman, he/she, hat, backpack, …) and implicit extension (girl → woman and younger
+    than 18, jeans → long blue pants, t-shirt → short sleeves). Naming the upper colour c gives 0 for "upper c"
+    and 1 for the other upper colours; the same for the lower colour. With these rules the README's example
+    "a young boy … wearing jeans and a baseball cap" gives [1, 0, …, 1, 1] as published."""
+    text = " " + " ".join(re.sub(r"[^a-z]+", " ", caption.lower()).split()) + " "
+    label = [-1] * MALS_NUM_ATTRIBUTES
+    male = _keyword(text, r" (man|men|guy|gentleman|male|boy|he|his|him|himself) ")
+    female = _keyword(text, r" (woman|women|lady|female|girl|she|her|hers|herself) ")
+    if male != female:
+        label[0] = 1 if male else 0
+    young = _keyword(text, r" (boy|girl|child|kid|teenager|youngster) ")
+    adult = _keyword(text, r" (adult|elderly|middle aged) ")
+    if young != adult:
+        label[1] = 1 if adult else 0
+    long_hair = _keyword(text, r" long (\w+ )?hair | hair is long ")
+    short_hair = _keyword(text, r" short (\w+ )?hair | hair is short ")
+    if long_hair != short_hair:
+        label[2] = 1 if long_hair else 0
+    if _keyword(text, r" (no|without a|without any|not wearing a|not wearing any) (\w+ )?(hat|cap|beanie) "):
+        label[3] = 1
+    elif _keyword(text, r" (hat|cap|beanie) "):
+        label[3] = 0
+    if _keyword(text, r" (not carrying any bags?|not carrying anything|carries nothing|carrying nothing) "):
+        label[4] = label[5] = label[6] = 1
+    else:
+        if _keyword(text, r" (backpack|rucksack|knapsack) "):
+            label[4] = 0
+        if _keyword(text, r" (handbag|purse) "):
+            label[5] = 0
+        if _keyword(text, r" (bag|satchel) "):
+            label[6] = 0
+    short_sleeve = _keyword(text, r" (short sleeved|short sleeves?|t shirt|tee|sleeveless) ")
+    long_sleeve = _keyword(text, r" (long sleeved|long sleeves?|jacket|coat|sweater|hoodie|cardigan) ")
+    if short_sleeve != long_sleeve:
+        label[7] = 1 if short_sleeve else 0
+    shorts = _keyword(text, r" shorts ")
+    pants = _keyword(text, r" (pants|trousers|jeans|slacks) ")
+    short_skirt = _keyword(text, r" (short|mini) (skirt|dress) ")
+    long_skirt = _keyword(text, r" (long|maxi) (skirt|dress) ")
+    skirt = _keyword(text, r" (skirt|dress) ")
+    if (shorts or short_skirt) != (pants or long_skirt):
+        label[8] = 1 if (shorts or short_skirt) else 0
+    if (shorts or pants) != skirt:
+        label[9] = 1 if (shorts or pants) else 0
+    for first, colours, patterns in ((10, UPPER_COLOURS, _UPPER_COLOUR_RES), (18, LOWER_COLOURS, _LOWER_COLOUR_RES)):
+        named = {_COLOUR_WORDS[m] for p in patterns for m in p.findall(text)} & set(colours)
+        if not named and first == 18 and " jeans " in text:  # implicit extension: jeans are blue (README example)
+            named = {"blue"}
+        if named:
+            for k, colour in enumerate(colours):
+                label[first + k] = 0 if colour in named else 1
+    return label
+
+
+def identity_label(identity):
+    """The full 27-dim ground truth of an identity (spec §3.1 polarity)."""
+    label = [identity[k] for k in ("gender", "age", "hair", "hat", "backpack", "handbag", "bag",
+                                   "sleeve", "lower_length", "lower_type")]
+    label += [0 if c == identity["upper"] else 1 for c in UPPER_COLOURS]
+    label += [0 if c == identity["lower"] else 1 for c in LOWER_COLOURS]
+    return label
+
+
+def _jitter(rgb, rng, amount):
+    return tuple(int(np.clip(v + rng.integers(-amount, amount + 1), 0, 255)) for v in rgb)
+
+
+def sample_identity(rng):
+    """Draw one identity: MALS attributes (0/1 as spec §3.1) and fixed visual details."""
+    man = rng.random() < 0.5
+    child = rng.random() < 0.15
+    skirt = (not man) and rng.random() < 0.4
+    upper = UPPER_COLOURS[rng.choice(len(UPPER_COLOURS), p=UPPER_COLOUR_P)]
+    lower = LOWER_COLOURS[rng.choice(len(LOWER_COLOURS), p=LOWER_COLOUR_P)]
+    identity = {
+        "gender": int(man), "age": int(not child),
+        "hair": int(rng.random() < (0.12 if man else 0.7)),  # 1 = long hair
+        "hat": int(rng.random() >= 0.25), "backpack": int(rng.random() >= 0.3),  # 0 = has it
+        "handbag": int(rng.random() >= (0.08 if (man or child) else 0.3)), "bag": int(rng.random() >= 0.22),
+        "sleeve": int(rng.random() < 0.5),  # 1 = short sleeves
+        "lower_length": int(rng.random() < (0.6 if skirt else 0.25)),  # 1 = short
+        "lower_type": int(not skirt),  # 0 = dress or skirt
+        "upper": upper, "lower": lower,
+        "upper_rgb": _jitter(PALETTE[upper], rng, 14), "lower_rgb": _jitter(PALETTE[lower], rng, 14),
+        "skin": _jitter(SKIN_TONES[rng.integers(len(SKIN_TONES))], rng, 8),
+        "hair_colour": str(rng.choice(list(HAIR_COLOURS), p=(0.45, 0.3, 0.17, 0.08) if not child else
+                                      (0.5, 0.3, 0.2, 0.0))),
+        "shoe_colour": str(rng.choice(SHOE_COLOURS)),
+        "build": str(rng.choice(list(BUILDS), p=(0.3, 0.5, 0.2))),
+        "height": float(rng.uniform(0.93, 1.04)),
+    }
+    for item in ("hat", "backpack", "handbag", "bag"):
+        identity[f"{item}_colour"] = str(rng.choice(["black", "white", "red", "blue", "brown", "gray", "green",
+                                                     "pink" if not man else "orange"]))
+    return identity
+
+
+# caption grammar -------------------------------------------------------------------------------------------
+
+def _pick(rng, options):
+    return options[rng.integers(len(options))]
+
+
+def _article(np_):
+    return ("an " if np_[0] in "aeiou" else "a ") + np_
+
+
+def _join(phrases):
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1] if len(phrases) > 1 else phrases[0]
+
+
+def _garment_np(rng, noun, colour, plural):
+    np_ = f"{colour} {noun}" if colour else noun
+    if plural:
+        return _pick(rng, [np_, np_, "a pair of " + np_])
+    return _article(np_)
+
+
+def make_caption(identity, rng):
+    """One caption mentioning a random subset (3–6) of the identity's facts, in varied order and wording."""
+    man, child = identity["gender"] == 1, identity["age"] == 0
+    gendered = rng.random() < 0.85
+    if child:
+        subject = _pick(rng, ["a boy", "a little boy", "a young boy"] if man else
+                        ["a girl", "a little girl", "a young girl"]) if gendered else _pick(rng, ["a child", "a kid"])
+    elif gendered:
+        subject = _pick(rng, ["a man", "a man", "a guy", "a gentleman", "a male", "an adult man",
+                              "a middle-aged man"] if man else
+                        ["a woman", "a woman", "a lady", "a female", "an adult woman", "a middle-aged woman"])
+    else:
+        subject = _pick(rng, ["a person", "a pedestrian", "someone", "an adult"] if not child else ["a child"])
+    pron, poss = (("he", "his") if man else ("she", "her")) if gendered else ("the person", "their")
+
+    facts = {}
+    upper_noun = None
+    if rng.random() < 0.65:
+        upper_noun = _pick(rng, ["t-shirt", "short-sleeved shirt", "short sleeve top", "tee"]
+                           if identity["sleeve"] == 1 else
+                           ["long-sleeved shirt", "jacket", "sweater", "coat", "hoodie", "long sleeve top"])
+    else:
+        upper_noun = _pick(rng, ["shirt", "top"] + (["blouse"] if not man else []))
+    upper_colour = identity["upper"] if rng.random() < 0.85 else None
+    if upper_colour and rng.random() < 0.15:
+        facts["upper"] = ("sentence", f"{poss} {upper_noun} is {upper_colour}")
+    else:
+        np_ = _garment_np(rng, upper_noun, upper_colour, False)
+        facts["upper"] = (_pick(rng, [f"is wearing {np_}", f"wears {np_}", f"has on {np_}",
+                                      f"is dressed in {np_}"]), _pick(rng, [f"in {np_}", f"wearing {np_}"]))
+
+    if identity["lower_type"] == 1:
+        long_nouns = ["pants", "trousers", "long pants"] + (["jeans"] * 2 if identity["lower"] == "blue" else [])
+        lower_noun = "shorts" if identity["lower_length"] == 1 else _pick(rng, long_nouns)
+    else:
+        lower_noun = _pick(rng, ["short skirt", "mini skirt", "skirt"] if identity["lower_length"] == 1 else
+                           ["long skirt", "long dress", "skirt"])
+    plural = lower_noun.endswith("s")
+    lower_colour = identity["lower"] if rng.random() < 0.85 else None
+    if lower_colour and rng.random() < 0.15:
+        facts["lower"] = ("sentence", f"{poss} {lower_noun} {'are' if plural else 'is'} {lower_colour}")
+    else:
+        np_ = _garment_np(rng, lower_noun, lower_colour, plural)
+        facts["lower"] = (_pick(rng, [f"is wearing {np_}", f"wears {np_}", f"has on {np_}"]),
+                          _pick(rng, [f"in {np_}", f"wearing {np_}", f"and {np_}"]))
+
+    length = "long" if identity["hair"] == 1 else "short"
+    hair_np = f"{length} {identity['hair_colour']} hair" if rng.random() < 0.5 else f"{length} hair"
+    facts["hair"] = (_pick(rng, [f"has {hair_np}", f"has {hair_np}", "sentence"]), f"with {hair_np}")
+    if facts["hair"][0] == "sentence":
+        facts["hair"] = ("sentence", f"{poss} hair is {length}")
+
+    if identity["hat"] == 0:
+        hat_np = _article(f"{identity['hat_colour']} {_pick(rng, ['hat', 'cap', 'baseball cap', 'beanie'])}")
+        facts["hat"] = (_pick(rng, [f"is wearing {hat_np}", f"wears {hat_np} on {poss} head"]),
+                        _pick(rng, [f"wearing {hat_np}", f"with {hat_np}"]))
+    else:
+        facts["hat"] = (_pick(rng, ["is not wearing a hat", "has no hat"]), "without a hat")
+
+    carried = [item for item in ("backpack", "handbag", "bag") if identity[item] == 0]
+    if carried:
+        said = [item for item in carried if rng.random() < 0.75] or [_pick(rng, carried)]
+        vps, pps = [], []
+        for item in said:
+            c = identity[f"{item}_colour"] if rng.random() < 0.5 else ""
+            c = c + " " if c else ""
+            if item == "backpack":
+                vps.append(_pick(rng, [f"is carrying a {c}backpack", f"carries a {c}backpack on {poss} back"]))
+                pps.append(f"with a {c}backpack")
+            elif item == "handbag":
+                np_ = _pick(rng, [f"a {c}handbag", f"a {c}purse"])
+                vps.append(_pick(rng, [f"is holding {np_} in {poss} hand", f"carries {np_}"]))
+                pps.append(f"holding {np_}")
+            else:
+                np_ = _pick(rng, [f"a {c}shoulder bag", f"a {c}bag over {poss} shoulder", f"a {c}satchel"])
+                vps.append(f"carries {np_}")
+                pps.append(f"with {np_}")
+        facts["carried"] = (" and ".join(vps), " and ".join(pps))
+    else:
+        facts["carried"] = (_pick(rng, ["is not carrying any bags", "carries nothing"]), "carrying nothing")
+
+    shoe_np = f"{identity['shoe_colour']} {_pick(rng, ['shoes', 'sneakers', 'boots'])}"
+    facts["shoes"] = (_pick(rng, [f"wears {shoe_np}", f"has {shoe_np} on"]), f"in {shoe_np}")
+    build_word = {"slim": ["slim", "thin"], "average": ["of average build"], "heavy": ["heavy-set", "chubby"]}
+    facts["build"] = (f"is {_pick(rng, build_word[identity['build']])}", None)
+
+    weights = {"upper": 0.9, "lower": 0.85, "hair": 0.45, "hat": 0.4, "carried": 0.6, "shoes": 0.3, "build": 0.2}
+    while True:
+        chosen = [k for k, w in weights.items() if rng.random() < w]
+        if 3 <= len(chosen) <= 6:
+            break
+    rng.shuffle(chosen)
+
+    lead_pp = ""
+    if facts[chosen[0]][0] != "sentence" and facts[chosen[0]][1] and not facts[chosen[0]][1].startswith("and ") \
+            and rng.random() < 0.5:
+        lead_pp = " " + facts[chosen[0]][1]
+        chosen = chosen[1:]
+    sentences = [facts[key][1] for key in chosen if facts[key][0] == "sentence"]
+    vps = [facts[key][0] for key in chosen if facts[key][0] != "sentence"]
+    first = vps[:rng.integers(1, 4)]
+    rest = vps[len(first):]
+    body = subject + lead_pp + " " + (_join(first) if first else "is walking")
+    out = [body]
+    if rest:
+        out.append(pron + " " + _join(rest))
+    out += sentences
+    return " ".join(s[0].upper() + s[1:] + "." for s in out)
+
+
+# renderer ----------------------------------------------------------------------------------------------------
+
+def _limb(draw, start, end, width, fill):
+    """A thick segment with round ends."""
+    draw.line([start, end], fill=fill, width=max(1, int(round(width))))
+    r = width / 2
+    for x, y in (start, end):
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+
+
+def _lerp(a, b, t):
+    return (a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t)
+
+
+def render_person(identity, rng, size=(192, 64)):
+    """Draw one image of `identity` (H×W = size, 3:1): pose, scale, position, background, light and noise vary."""
+    height, width = size
+    image = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(image)
+    # background: wall, ground and clutter (windows, signs, poles) in muted random colours
+    horizon = int(height * rng.uniform(0.45, 0.8))
+    wall = tuple(int(v) for v in rng.integers(70, 200, 3))
+    ground = tuple(int(v) for v in rng.integers(60, 170, 3))
+    draw.rectangle([0, 0, width, horizon], fill=wall)
+    draw.rectangle([0, horizon, width, height], fill=ground)
+    for _ in range(rng.integers(2, 8)):
+        colour = tuple(int(0.5 * c + 0.5 * g) for c, g in zip(rng.integers(0, 256, 3), wall))
+        x0, y0 = rng.uniform(-10, width), rng.uniform(-10, horizon)
+        draw.rectangle([x0, y0, x0 + rng.uniform(4, 30), y0 + rng.uniform(4, 50)], fill=colour)
+    if rng.random() < 0.5:
+        x = rng.uniform(0, width)
+        draw.line([(x, 0), (x, horizon + 10)], fill=tuple(int(v) for v in rng.integers(30, 120, 3)),
+                  width=int(rng.integers(1, 4)))
+
+    man, child = identity["gender"] == 1, identity["age"] == 0
+    build = BUILDS[identity["build"]]
+    scale = rng.uniform(0.55, 0.66) if child else rng.uniform(0.8, 0.93) * identity["height"]
+    person_h = height * min(scale, 0.96)
+    u = person_h / 100  # body unit
+    feet_y = height - rng.uniform(0.01, 0.05) * height
+    top = feet_y - person_h
+    cx = width / 2 + rng.uniform(-0.08, 0.08) * width
+    side = 1 if rng.random() < 0.5 else -1  # which side carries the bags (mirrors with pose)
+    back_view = rng.random() < 0.3
+    head_r = (8.2 if child else 6.4) * u
+    head_c = (cx, top + head_r)
+    neck_y = top + 2 * head_r
+    shoulder_y = neck_y + 1.5 * u
+    waist_y = top + (45 if child else 47) * u
+    shoulder_hw = (11.5 if man else 9.0) * u * build * (0.85 if child else 1.0)
+    hip_hw = (8.5 if man else 10.0) * u * build * (0.85 if child else 1.0)
+    skin, upper, lower = identity["skin"], identity["upper_rgb"], identity["lower_rgb"]
+    hair_rgb = HAIR_COLOURS[identity["hair_colour"]]
+    shoe_rgb = PALETTE.get(identity["shoe_colour"], (40, 40, 40))
+
+    # long hair falls behind the shoulders
+    if identity["hair"] == 1:
+        draw.rectangle([cx - head_r * 1.05, head_c[1], cx + head_r * 1.05, shoulder_y + 13 * u], fill=hair_rgb)
+    # backpack body behind the torso, sticking out on one side (front view)
+    if identity["backpack"] == 0 and not back_view:
+        bx = cx + side * shoulder_hw * 0.7
+        draw.rounded_rectangle([min(bx, bx + side * 7 * u), shoulder_y + 2 * u, max(bx, bx + side * 7 * u),
+                                waist_y - 4 * u], radius=2 * u, fill=PALETTE[identity["backpack_colour"]])
+
+    # legs: pants (long or shorts) or bare legs under a skirt
+    stride = rng.uniform(0, 7) * u
+    leg_w = (6.5 if man else 5.8) * u * build
+    feet = [(cx - 3 * u - stride / 2, feet_y - 2 * u), (cx + 3 * u + stride / 2, feet_y - 2 * u)]
+    hips = [(cx - hip_hw * 0.45, waist_y + 2 * u), (cx + hip_hw * 0.45, waist_y + 2 * u)]
+    for hip, foot in zip(hips, feet):
+        if identity["lower_type"] == 1:
+            cut = 1.0 if identity["lower_length"] == 0 else 0.42
+            _limb(draw, hip, foot, leg_w * 0.85, skin)
+            _limb(draw, hip, _lerp(hip, foot, cut), leg_w, lower)
+        else:
+            _limb(draw, hip, foot, leg_w * 0.8, skin)
+    if identity["lower_type"] == 0:  # skirt or dress: a flaring trapezoid
+        hem = waist_y + (feet_y - waist_y) * (0.85 if identity["lower_length"] == 0 else 0.38)
+        flare = hip_hw * (1.45 if identity["lower_length"] == 0 else 1.3)
+        draw.polygon([(cx - hip_hw * 0.9, waist_y - 2 * u), (cx + hip_hw * 0.9, waist_y - 2 * u),
+                      (cx + flare, hem), (cx - flare, hem)], fill=lower)
+    for foot in feet:
+        draw.ellipse([foot[0] - 3.5 * u, foot[1] - 1.5 * u, foot[0] + 3.5 * u, foot[1] + 2 * u], fill=shoe_rgb)
+
+    # torso
+    draw.polygon([(cx - shoulder_hw, shoulder_y), (cx + shoulder_hw, shoulder_y),
+                  (cx + hip_hw * 0.95, waist_y + 3 * u), (cx - hip_hw * 0.95, waist_y + 3 * u)], fill=upper)
+    draw.ellipse([cx - shoulder_hw - 2 * u, shoulder_y - 1 * u, cx - shoulder_hw + 4 * u, shoulder_y + 5 * u],
+                 fill=upper)
+    draw.ellipse([cx + shoulder_hw - 4 * u, shoulder_y - 1 * u, cx + shoulder_hw + 2 * u, shoulder_y + 5 * u],
+                 fill=upper)
+    if identity["backpack"] == 0:
+        colour = PALETTE[identity["backpack_colour"]]
+        if back_view:  # the backpack covers the back
+            draw.rounded_rectangle([cx - shoulder_hw * 0.75, shoulder_y + 2 * u, cx + shoulder_hw * 0.75,
+                                    waist_y - 3 * u], radius=2 * u, fill=colour)
+        else:  # two straps over the shoulders
+            for s in (-1, 1):
+                draw.line([(cx + s * shoulder_hw * 0.55, shoulder_y), (cx + s * shoulder_hw * 0.5, waist_y - 8 * u)],
+                          fill=colour, width=max(1, int(1.8 * u)))
+    if identity["bag"] == 0:  # diagonal strap, bag at the opposite hip
+        colour = PALETTE[identity["bag_colour"]]
+        draw.line([(cx - side * shoulder_hw * 0.6, shoulder_y), (cx + side * hip_hw * 1.05, waist_y)],
+                  fill=colour, width=max(1, int(1.4 * u)))
+        bx = cx + side * hip_hw * 1.05
+        draw.rectangle([bx - 4.5 * u, waist_y - 1 * u, bx + 4.5 * u, waist_y + 7 * u], fill=colour)
+
+    # arms: sleeves in the upper colour, long to the wrist or short to above the elbow
+    arm_len, arm_w = (34 if child else 37) * u, 4.6 * u * build
+    hands = []
+    for s in (-1, 1):
+        angle = math.radians(rng.uniform(4, 22))
+        shoulder = (cx + s * (shoulder_hw - 1.5 * u), shoulder_y + 2 * u)
+        hand = (shoulder[0] + s * math.sin(angle) * arm_len, shoulder[1] + math.cos(angle) * arm_len)
+        _limb(draw, shoulder, hand, arm_w * 0.85, skin)
+        _limb(draw, shoulder, _lerp(shoulder, hand, 0.93 if identity["sleeve"] == 0 else 0.35), arm_w, upper)
+        hands.append(hand)
+    if identity["handbag"] == 0:  # a handbag hangs from the hand on the carrying side
+        hx, hy = hands[1] if side == 1 else hands[0]
+        colour = PALETTE[identity["handbag_colour"]]
+        draw.line([(hx, hy), (hx - 2.5 * u, hy + 3 * u)], fill=colour, width=max(1, int(u)))
+        draw.line([(hx, hy), (hx + 2.5 * u, hy + 3 * u)], fill=colour, width=max(1, int(u)))
+        draw.rounded_rectangle([hx - 5 * u, hy + 3 * u, hx + 5 * u, hy + 11 * u], radius=u, fill=colour)
+
+    # head, hair, hat
+    draw.ellipse([head_c[0] - head_r, head_c[1] - head_r, head_c[0] + head_r, head_c[1] + head_r],
+                 fill=hair_rgb if back_view else skin)
+    if not back_view:
+        draw.chord([head_c[0] - head_r * 1.08, head_c[1] - head_r * 1.12, head_c[0] + head_r * 1.08,
+                    head_c[1] + head_r * (0.5 if identity["hair"] == 1 else 0.2)], 180, 360, fill=hair_rgb)
+        if identity["hair"] == 1:  # locks along the face
+            for s in (-1, 1):
+                x0, x1 = sorted((head_c[0] + s * head_r * 0.7, head_c[0] + s * head_r * 1.1))
+                draw.rectangle([x0, head_c[1] - head_r * 0.3, x1, head_c[1] + head_r * 1.4], fill=hair_rgb)
+    if identity["hat"] == 0:
+        colour = PALETTE[identity["hat_colour"]]
+        draw.chord([head_c[0] - head_r * 1.1, head_c[1] - head_r * 1.35, head_c[0] + head_r * 1.1,
+                    head_c[1] + head_r * 0.3], 180, 360, fill=colour)
+        draw.rectangle([head_c[0] - head_r * 1.45, head_c[1] - head_r * 0.55, head_c[0] + head_r * 1.45,
+                        head_c[1] - head_r * 0.3], fill=colour)
+
+    # lighting (global gain and tint), sensor noise
+    array = np.asarray(image, dtype=np.float32)
+    gain = rng.uniform(0.72, 1.22) * (1 + rng.uniform(-0.07, 0.07, 3))
+    gradient = np.linspace(rng.uniform(0.85, 1.1), rng.uniform(0.85, 1.1), height, dtype=np.float32)[:, None, None]
+    array = array * gain * gradient + rng.normal(0, rng.uniform(2, 9), array.shape)
+    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+
+
+# building the world on disk ---------------------------------------------------------------------------------
+
+SYNTHETIC_DEFAULTS = dict(mals_ids=1500, mals_images_per_id=4, train_ids=300, val_ids=50, test_ids=100,
+                          images_per_id=4, attr_train=1000, attr_test=500, image_size=(192, 64))
+_MARKER = "COMPLETE.json"
+WORLD_VERSION = 1  # bump when the renderer or the caption grammar changes: cached worlds are then rebuilt
+
+
+def _synthetic_paths(root):
+    return {"root": root, "mals_ann": [os.path.join(root, "mals", f"synth_{i}_attrs.json") for i in range(2)],
+            "mals_root": os.path.join(root, "mals"), "cuhk_raw": os.path.join(root, "cuhk", "reid_raw.json"),
+            "cuhk_root": os.path.join(root, "cuhk", "imgs"),
+            "attr_train": os.path.join(root, "attributes", "attr_train.json"),
+            "attr_test": os.path.join(root, "attributes", "attr_test.json"),
+            "attr_root": os.path.join(root, "attributes"), "info": os.path.join(root, _MARKER)}
+
+
+def _synthetic_world(root):
+    """The world under `root` as it is (any settings), generated with the defaults if it is not there."""
+    paths = _synthetic_paths(root)
+    return paths if os.path.isfile(paths["info"]) else make_synthetic(root)
+
+
+def _save(image, path):
+    image.save(path, quality=92)
+
+
+def _processed_tokens(caption):
+    return re.findall(r"[a-z0-9]+|[^a-z0-9\s]", caption.lower())
+
+
+def _render_job(job):
+    """Render and save one image; return its captions. Each image has its own seed, so the result does not
+    depend on the number of processes."""
+    identity, seed_keys, path, n_captions, size = job
+    rng = np.random.default_rng(seed_keys)
+    _save(render_person(identity, rng, size), path)
+    return [make_caption(identity, rng) for _ in range(n_captions)]
+
+
+def make_synthetic(root="data/synthetic", seed=0, verbose=False, workers=None, **sizes):
+    """Generate (once) the synthetic pedestrian world under `root` in the official formats; return its paths.
+
+    Writes MALS `mals/synth_{0,1}_attrs.json` + `mals/gene_crop/` (pre-training; own identities, one caption
+    per image, image_id unique per image as in MALS), CUHK-PEDES `cuhk/reid_raw.json` + `cuhk/imgs/`
+    (retrieval identities, disjoint train/val/test, `images_per_id` images and 2 captions each) and
+    `attributes/attr_{train,test}.json` (PA-100K style, the FULL 27-dim ground truth, 2 images per identity).
+    Sizes default to SYNTHETIC_DEFAULTS. Idempotent: a complete marker with the same settings means the world
+    is already there; generation writes to a temporary folder renamed at the end, so an interrupted run
+    leaves nothing half-made. `workers` processes render the images (default: all CPUs, at most 8)."""
+    unknown = set(sizes) - set(SYNTHETIC_DEFAULTS)
+    if unknown:
+        fail(f"make_synthetic: unknown size argument(s) {sorted(unknown)}; known: {sorted(SYNTHETIC_DEFAULTS)}")
+    settings = {**SYNTHETIC_DEFAULTS, **sizes, "seed": seed, "version": WORLD_VERSION}
+    settings["image_size"] = list(settings["image_size"])
+    paths = _synthetic_paths(root)
+    if os.path.isfile(paths["info"]):
+        with open(paths["info"]) as f:
+            if json.load(f).get("settings") == settings:
+                return paths
+    start = time.time()
+    tmp = f"{root.rstrip(os.sep)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    size = tuple(settings["image_size"])
+    for folder in ("mals/gene_crop", "cuhk/imgs/synth", "attributes/imgs/train", "attributes/imgs/test"):
+        os.makedirs(os.path.join(tmp, folder))
+    jobs, records = [], []  # records[i] describes the annotation entry of jobs[i]
+
+    # (a) MALS-style pre-training set
+    rng = np.random.default_rng([seed, 0])
+    for i in range(settings["mals_ids"]):
+        identity = sample_identity(rng)
+        for k in range(settings["mals_images_per_id"]):
+            n = len(records)
+            rel = f"gene_crop/{n:06d}.jpg"
+            jobs.append((identity, [seed, 0, i, k], os.path.join(tmp, "mals", rel), 1, size))
+            records.append(("mals", rel, f"synth_{n}", None))
+    # (b) CUHK-PEDES-style retrieval set: ids 1..N, disjoint across splits
+    rng = np.random.default_rng([seed, 1])
+    pid = 0
+    for split in ("train", "val", "test"):
+        for _ in range(settings[f"{split}_ids"]):
+            pid += 1
+            identity = sample_identity(rng)
+            for k in range(settings["images_per_id"]):
+                rel = f"synth/{pid:05d}_{k}.jpg"
+                jobs.append((identity, [seed, 1, pid, k], os.path.join(tmp, "cuhk", "imgs", rel), 2, size))
+                records.append(("cuhk", rel, pid, split))
+    # (c) attribute recognition set with the full ground truth (new identities, 2 images each)
+    rng = np.random.default_rng([seed, 2])
+    for split_index, split in enumerate(("train", "test")):
+        for n in range(settings[f"attr_{split}"]):
+            if n % 2 == 0:
+                identity = sample_identity(rng)
+            rel = f"imgs/{split}/{n:05d}.jpg"
+            jobs.append((identity, [seed, 2, split_index, n], os.path.join(tmp, "attributes", rel), 0, size))
+            records.append(("attr", rel, identity_label(identity), split))
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers > 1:
+        import multiprocessing
+        with multiprocessing.Pool(workers) as pool:
+            captions = pool.map(_render_job, jobs, chunksize=64)
+    else:
+        captions = [_render_job(job) for job in jobs]
+
+    mals, raw, attrs = [], [], {"train": [], "test": []}
+    for (kind, rel, key, split), texts in zip(records, captions):
+        if kind == "mals":
+            mals.append({"image": rel, "caption": texts[0], "image_id": key, "label": label_caption(texts[0])})
+        elif kind == "cuhk":
+            raw.append({"split": split, "captions": texts, "file_path": rel,
+                        "processed_tokens": [_processed_tokens(c) for c in texts], "id": key})
+        else:
+            attrs[split].append({"image": rel, "label": key})
+    half = (len(mals) + 1) // 2
+    for j, part in enumerate((mals[:half], mals[half:])):
+        with open(os.path.join(tmp, "mals", f"synth_{j}_attrs.json"), "w") as f:
+            json.dump(part, f)
+    with open(os.path.join(tmp, "cuhk", "reid_raw.json"), "w") as f:
+        json.dump(raw, f)
+    for split, entries in attrs.items():
+        with open(os.path.join(tmp, "attributes", f"attr_{split}.json"), "w") as f:
+            json.dump(entries, f)
+
+    stats = {"mals": {"identities": settings["mals_ids"], "images": len(mals), "captions": len(mals)}}
+    for split in ("train", "val", "test"):
+        n_images = sum(e["split"] == split for e in raw)
+        stats[f"cuhk_{split}"] = {"identities": settings[f"{split}_ids"], "images": n_images,
+                                  "captions": 2 * n_images}
+    for split, entries in attrs.items():
+        stats[f"attr_{split}"] = {"identities": (len(entries) + 1) // 2, "images": len(entries)}
+    seconds = round(time.time() - start, 1)
+    with open(os.path.join(tmp, _MARKER), "w") as f:
+        json.dump({"settings": settings, "stats": stats, "seconds": seconds}, f, indent=1)
+    if os.path.exists(root):  # a world with other settings: replace it
+        old = f"{root.rstrip(os.sep)}.old-{os.getpid()}"
+        os.rename(root, old)
+        shutil.rmtree(old)
+    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+    os.rename(tmp, root)
+    if verbose:
+        print(f"synthetic world written to {root} in {seconds}s ({workers} processes): {stats}")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch Datasets. Tokenising and masking run in __getitem__, i.e. in the DataLoader workers (spec §2.4).
+
+
+def _fields(entry, keys):
+    """An entry's fields in `keys` order, from a dict (read_mals) or a tuple (read_retrieval, read_attributes)."""
+    return tuple(entry[k] for k in keys) if isinstance(entry, dict) else tuple(entry)
+
+
+class _SampleRandom:
+    """Randomness of one sample, derived from (seed, epoch, index) alone: the same augmentation and masks whatever
+    the number of DataLoader workers and wherever a resumed run restarts (exact resume); a new draw every epoch.
+    The training loop calls set_epoch before it builds each epoch's loader."""
+    seed = 0
+    epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def _rngs(self, index):
+        mixed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+        return random.Random(mixed), torch.Generator().manual_seed(mixed)
+
+
+class PretrainDataset(torch.utils.data.Dataset, _SampleRandom):
+    """MALS-style pre-training samples (spec §2.4, §4.2): entries from read_mals (dicts with image, caption,
+    pid, label; tuples in that order work too). Returns image (3, H, W), input_ids/attention_mask (L,),
+    masked_ids (L,), masked_pos (M,), masked_labels (M,), pid (), attr_label (K,)."""
+
+    def __init__(self, entries, transform, tokenizer, max_tokens=56, max_words=56, mask_prob=0.25, max_masks=10,
+                 skipgram_prb=0.2, skipgram_size=3, whole_word=True, seed=0):
+        self.entries, self.transform, self.tokenizer, self.seed = entries, transform, tokenizer, seed
+        self.max_tokens, self.max_words = max_tokens, max_words
+        self.masking = dict(mask_prob=mask_prob, max_masks=max_masks, skipgram_prb=skipgram_prb,
+                            skipgram_size=skipgram_size, whole_word=whole_word)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def _text(self, caption, generator):
+        input_ids, attention_mask = self.tokenizer([caption], self.max_tokens, "max_length")  # (1, L)
+        masked_ids, masked_pos, masked_labels = mask_tokens(input_ids, self.tokenizer, generator, **self.masking)
+        return {"input_ids": input_ids[0], "attention_mask": attention_mask[0], "masked_ids": masked_ids[0],
+                "masked_pos": masked_pos[0], "masked_labels": masked_labels[0]}
+
+    def __getitem__(self, index):
+        rng, generator = self._rngs(index)
+        image_path, caption, pid, label = _fields(self.entries[index], ("image", "caption", "pid", "label"))
+        sample = {"image": self.transform(load_image(image_path), rng)}
+        sample.update(self._text(pre_caption(caption, self.max_words), generator))
+        sample["pid"] = torch.tensor(pid, dtype=torch.long)
+        sample["attr_label"] = torch.tensor(label, dtype=torch.long)
+        return sample
+
+
+class FinetuneDataset(PretrainDataset):
+    """Retrieval fine-tuning samples (spec §2.9 E10–E12, §4.7): entries from read_retrieval(train),
+    (image_path, caption, pid). Adds eda_input_ids/eda_attention_mask, the EDA copy of the raw caption
+    (applied with probability eda_p = 1; cleaned first when clean_eda, i.e. for ICFG/RSTP). The main caption
+    is never cleaned (official quirk, spec §4.7)."""
+
+    def __init__(self, entries, transform, tokenizer, max_tokens=56, max_words=56, eda=True, eda_p=1.0,
+                 clean_eda=False, seed=0, **masking):
+        super().__init__(entries, transform, tokenizer, max_tokens, max_words, seed=seed, **masking)
+        self.eda, self.eda_p, self.clean_eda = eda, eda_p, clean_eda
+
+    def __getitem__(self, index):
+        rng, generator = self._rngs(index)
+        image_path, caption, pid = _fields(self.entries[index], ("image", "caption", "pid"))
+        sample = {"image": self.transform(load_image(image_path), rng)}
+        sample.update(self._text(pre_caption(caption, self.max_words), generator))
+        if self.eda:
+            use_eda = rng.random() < self.eda_p
+            try:
+                eda_caption = pre_caption(caption, self.max_words, clean=self.clean_eda,
+                                          eda_rng=rng if use_eda else None)
+            except ValueError:  # EDA deleted every letter (e.g. a caption of digits): keep the caption
+                eda_caption = pre_caption(caption, self.max_words)
+            eda_ids, eda_mask = self.tokenizer([eda_caption], self.max_tokens, "max_length")  # (1, L)
+            sample["eda_input_ids"], sample["eda_attention_mask"] = eda_ids[0], eda_mask[0]
+        sample["pid"] = torch.tensor(pid, dtype=torch.long)
+        return sample
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Evaluation images: paths → dict(image (3, H, W), index)."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return {"image": self.transform(load_image(self.paths[index])), "index": index}
+
+
+class AttributeDataset(torch.utils.data.Dataset, _SampleRandom):
+    """Attribute-recognition samples: entries from read_attributes → dict(image, attr_label (K,))."""
+
+    def __init__(self, entries, transform, seed=0):
+        self.entries, self.transform, self.seed = entries, transform, seed
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, index):
+        rng, _ = self._rngs(index)
+        image_path, label = _fields(self.entries[index], ("image", "label"))
+        return {"image": self.transform(load_image(image_path), rng),
+                "attr_label": torch.tensor(label, dtype=torch.long)}
+
+
+def contact_sheet(paths, out_path, columns=10, captions=None):
+    """Tile images into one PNG (for looking at the synthetic world)."""
+    images = [load_image(p) for p in paths]
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
+    for i, image in enumerate(images):
+        sheet.paste(image.resize((w, h)), ((i % columns) * w, (i // columns) * h))
+    sheet.save(out_path)
+    return out_path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", default="data/synthetic", help="where the synthetic world lives (our choice)")
+    parser.add_argument("--seed", type=int, default=0, help="world seed")
+    parser.add_argument("--sheet", default=None, help="also write a PNG contact sheet of test images here")
+    args = parser.parse_args(argv)
+    paths = make_synthetic(args.root, args.seed, verbose=True)
+    with open(paths["info"]) as f:
+        print(json.dumps(json.load(f), indent=1))
+    print(json.dumps(paths, indent=1))
+    if args.sheet:
+        test = read_retrieval("synthetic", paths["cuhk_raw"], "test")
+        print("contact sheet:", contact_sheet(test.image_paths[:40], args.sheet))
+
+
+if __name__ == "__main__":
+    main()

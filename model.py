@@ -1,0 +1,706 @@
+"""APTM model: Swin image encoder, BERT text encoder, BERT cross encoder, heads, weight loading.
+
+Spec sections: §1 (architecture), §1.6 (parameter count), §5.1 (optimiser groups), §5.3 (checkpoint
+renaming), §8 (official key names), §11 (numerics confirmed against the official code).
+
+    model = APTM(CONFIGS["tiny"])
+    image_embeds = model.encode_image(images)                        # (B, N, Dv)
+    text_embeds = model.encode_text(input_ids, attention_mask)        # (B, L, Dt)
+    image_feat, text_feat = model.image_feat(image_embeds), model.text_feat(text_embeds)   # (B, D)
+    itm = model.itm_logits(text_embeds, attention_mask, image_embeds)                      # (B, 2)
+    mlm = model.mlm_logits(masked_ids, attention_mask, image_embeds, masked_pos)            # (B, M, V)
+
+The model returns features and logits, never losses; it never moves itself between devices and never
+calls torch.distributed.
+
+Shape letters: B batch, L text tokens, N image tokens (1 mean token + patches), Dv vision width,
+Dt text width, D projection dim, M masked positions per row, V vocabulary, C Swin stage width,
+H x W Swin stage grid, w window side, T = w*w tokens per window, nW windows per image, nH heads.
+"""
+
+import math
+from collections import Counter
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import (
+    BertAttention,
+    BertEmbeddings,
+    BertIntermediate,
+    BertLayer,
+    BertOnlyMLMHead,
+    BertOutput,
+    BertSelfOutput,
+)
+
+
+@dataclass
+class APTMConfig:
+    image_size: tuple = (384, 128)  # (H, W) [configs/config_swinB_384.json]
+    patch_size: int = 4
+    swin_dim: int = 128  # stage-0 width; vision_width = swin_dim * 2**(len(depths)-1)
+    depths: tuple = (2, 2, 18, 2)
+    num_heads: tuple = (4, 8, 16, 32)
+    window_size: int = 8
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.1
+    vocab_size: int = 30522  # overwritten from the tokenizer by the scripts
+    hidden_size: int = 768
+    num_text_layers: int = 6  # BERT layers 0-5 (spec §1.3)
+    num_cross_layers: int = 6  # BERT layers 6-11 with cross-attention (spec §1.4)
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    embed_dim: int = 256  # ITC projection (spec §1.5)
+    temp: float = 0.07  # initial τ, no clamp (spec §1.5)
+    max_tokens: int = 56  # caption length incl. [CLS] (spec §1.3)
+
+    @property
+    def vision_width(self):
+        return self.swin_dim * 2 ** (len(self.depths) - 1)
+
+
+CONFIGS = {
+    # the paper: Swin-B at 384x128 + BERT-base split 6/6 (spec §0, §1)
+    "aptm-base": APTMConfig(),
+    # our CPU default (not the paper): toy widths, Swin stage grids 24x8 (window 4, shifted), 12x4, 6x2;
+    # no hidden/attention dropout because its random masks cost ~20% of a CPU step (drop-path kept)
+    "tiny": APTMConfig(
+        image_size=(96, 32), swin_dim=32, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=4,
+        hidden_size=64, num_text_layers=2, num_cross_layers=2, num_attention_heads=2,
+        intermediate_size=256, max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0,
+        embed_dim=64, max_tokens=40,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Swin transformer (spec §1.2), official key names (spec §8.2)
+
+
+def window_partition(x, window):
+    """(B, H, W, C) -> (B*nW, T, C), windows in row-major order per image."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window, window, W // window, window, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, window * window, C)  # (B*nW, T, C)
+
+
+def window_reverse(windows, window, H, W):
+    """(B*nW, T, C) -> (B, H, W, C), inverse of window_partition."""
+    C = windows.shape[-1]
+    x = windows.view(-1, H // window, W // window, window, window, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, H, W, C)  # (B, H, W, C)
+
+
+def relative_position_index(window):
+    """(T, T) index into the (2w-1)^2 bias table: (dh + w-1)(2w-1) + (dw + w-1) (spec §1.2)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
+    coords = coords.flatten(1)  # (2, T)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # (T, T, 2)
+    return rel[..., 0] * (2 * window - 1) + rel[..., 1]  # (T, T)
+
+
+def shifted_window_mask(H, W, window, shift):
+    """(nW, T, T) additive mask for a cyclic shift: 0 within a region, -100 across (spec §1.2)."""
+    region = torch.zeros(1, H, W, 1)
+    bands = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    for i, rows in enumerate(bands):  # the 9 regions of the rolled image
+        for j, cols in enumerate(bands):
+            region[:, rows, cols, :] = 3 * i + j
+    region = window_partition(region, window).squeeze(-1)  # (nW, T)
+    different = region[:, None, :] != region[:, :, None]  # (nW, T, T)
+    return torch.zeros(different.shape).masked_fill(different, -100.0)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample, rescale survivors."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, dim, num_heads, window):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)  # rows: q, k, v
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+
+    def forward(self, x, mask=None):
+        """x (B*nW, T, C), mask (nW, T, T) or None -> (B*nW, T, C)."""
+        Bw, T, C = x.shape
+        q, k, v = self.qkv(x).view(Bw, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        bias = self.relative_position_bias_table[self.relative_position_index]  # (T, T, nH)
+        bias = bias.permute(2, 0, 1).unsqueeze(0)  # (1, nH, T, T)
+        if mask is not None:
+            # fold the windows of an image into the head axis so the (nW, nH, T, T) bias broadcasts
+            # over the batch without copies: (B*nW, nH) -> (B, nW*nH)
+            nW = mask.shape[0]
+            bias = (bias + mask.unsqueeze(1)).reshape(1, nW * self.num_heads, T, T)  # (1, nW*nH, T, T)
+            q, k, v = (t.reshape(Bw // nW, nW * self.num_heads, T, -1) for t in (q, k, v))
+        # scale = head_dim^-0.5 (qk_scale None), no attention dropout (spec §1.2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        out = out.reshape(Bw, self.num_heads, T, -1).transpose(1, 2).reshape(Bw, T, C)  # (B*nW, T, C)
+        return self.proj(out)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim, resolution, num_heads, window, shift, mlp_ratio, drop_path):
+        super().__init__()
+        self.resolution = resolution
+        if min(resolution) <= window:  # official rule: no shift, window = the smaller side (spec §1.2)
+            window, shift = min(resolution), 0
+        self.window, self.shift = window, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        mask = shifted_window_mask(*resolution, window, shift) if shift > 0 else None
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def forward(self, x):
+        """x (B, H*W, C) -> (B, H*W, C). Pre-norm; drop-path on both residual branches (spec §1.2)."""
+        B, _, C = x.shape
+        H, W = self.resolution
+        y = self.norm1(x).view(B, H, W, C)
+        if self.shift:
+            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        y = self.attn(window_partition(y, self.window), self.attn_mask)  # (B*nW, T, C)
+        y = window_reverse(y, self.window, H, W)  # (B, H, W, C)
+        if self.shift:
+            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
+        x = x + self.drop_path(y.reshape(B, H * W, C))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    def __init__(self, resolution, dim):
+        super().__init__()
+        self.resolution = resolution
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x):
+        """(B, H*W, C) -> (B, H/2*W/2, 2C); neighbour order (even,even), (odd,even), (even,odd), (odd,odd)."""
+        B, _, C = x.shape
+        H, W = self.resolution
+        x = x.view(B, H, W, C)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x.view(B, -1, 4 * C)))  # (B, H*W/4, 2C)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, images):
+        return self.norm(self.proj(images).flatten(2).transpose(1, 2))  # (B, H*W, C)
+
+
+class SwinStage(nn.Module):
+    def __init__(self, blocks, downsample):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+@torch.no_grad()
+def init_swin(module):
+    """Official Swin init: trunc-normal(0.02) Linear weights and bias tables, zero biases, LN 1/0 (spec §1.2)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, WindowAttention):
+        nn.init.trunc_normal_(module.relative_position_bias_table, std=0.02)
+
+
+class SwinTransformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        H, W = (s // config.patch_size for s in config.image_size)
+        self.patch_embed = PatchEmbed(config.patch_size, config.swin_dim)
+        # drop-path rates linearly spaced over all blocks, in block order (spec §1.2)
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").tolist()
+        self.layers = nn.ModuleList()
+        for i, (depth, heads) in enumerate(zip(config.depths, config.num_heads)):
+            dim, resolution = config.swin_dim * 2**i, (H // 2**i, W // 2**i)
+            window = min(config.window_size, *resolution)
+            last = i == len(config.depths) - 1
+            odd = any(side % 2 for side in resolution) and not last
+            if any(side % window for side in resolution) or odd:
+                raise ValueError(f"image_size {config.image_size}: Swin stage {i} grid {resolution} must be a "
+                                 f"multiple of its window {window} (and even before a patch merging)")
+            blocks = [
+                SwinBlock(dim, resolution, heads, config.window_size, (config.window_size // 2) * (j % 2),
+                          config.mlp_ratio, rates.pop(0))
+                for j in range(depth)
+            ]
+            self.layers.append(SwinStage(blocks, None if last else PatchMerging(resolution, dim)))
+        self.norm = nn.LayerNorm(config.vision_width)
+        self.apply(init_swin)
+
+    def forward(self, images):
+        """images (B, 3, H, W) -> image_embeds (B, 1 + patches, Dv); token 0 = mean of the normed tokens."""
+        x = self.patch_embed(images)  # (B, H/4*W/4, C)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.norm(x)  # (B, patches, Dv)
+        return torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, N, Dv) (spec §1.2, §11)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text and cross encoders (spec §1.3, §1.4): transformers' BERT pieces + our cross-attention
+
+
+def bert_config(config):
+    return BertConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_text_layers + config.num_cross_layers,
+        num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
+        hidden_act="gelu", hidden_dropout_prob=config.hidden_dropout,
+        attention_probs_dropout_prob=config.attention_dropout,
+        max_position_embeddings=config.max_position_embeddings, type_vocab_size=2,
+        layer_norm_eps=1e-12, pad_token_id=0, attn_implementation="sdpa",
+    )  # exact-erf GELU, post-LN eps 1e-12 (spec §11); is_decoder False -> self-attention not causal
+
+
+class CrossSelfAttention(nn.Module):
+    """Query from the text (Dt -> Dt); key and value from the image tokens (Dv -> Dt) (spec §1.4)."""
+
+    def __init__(self, hidden_size, vision_width, num_heads, dropout):
+        super().__init__()
+        self.num_heads, self.dropout = num_heads, dropout
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(vision_width, hidden_size)
+        self.value = nn.Linear(vision_width, hidden_size)
+
+    def key_value(self, image_embeds):
+        """image_embeds (B, N, Dv) -> key, value, each (B, nH, N, Dt/nH)."""
+        B, N, _ = image_embeds.shape
+        k = self.key(image_embeds).view(B, N, self.num_heads, -1).transpose(1, 2)
+        v = self.value(image_embeds).view(B, N, self.num_heads, -1).transpose(1, 2)
+        return k, v
+
+    def forward(self, hidden_states, image_kv):
+        """hidden_states (B, L, Dt), image_kv from key_value -> (B, L, Dt). All image tokens are valid."""
+        B, L, Dt = hidden_states.shape
+        q = self.query(hidden_states).view(B, L, self.num_heads, -1).transpose(1, 2)  # (B, nH, L, Dt/nH)
+        k, v = image_kv
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (B, nH, L, Dt/nH)
+        return out.transpose(1, 2).reshape(B, L, Dt)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, bert_cfg, vision_width):
+        super().__init__()
+        self.self = CrossSelfAttention(bert_cfg.hidden_size, vision_width, bert_cfg.num_attention_heads,
+                                       bert_cfg.attention_probs_dropout_prob)
+        self.output = BertSelfOutput(bert_cfg)  # dense -> dropout -> LayerNorm(. + input)
+
+    def forward(self, hidden_states, image_kv):
+        return self.output(self.self(hidden_states, image_kv), hidden_states)
+
+
+class FusionLayer(nn.Module):
+    """BERT layer 6..11: self-attention -> cross-attention -> FFN, each post-LN (spec §1.4)."""
+
+    def __init__(self, bert_cfg, vision_width):
+        super().__init__()
+        self.attention = BertAttention(bert_cfg)
+        self.crossattention = CrossAttention(bert_cfg, vision_width)
+        self.intermediate = BertIntermediate(bert_cfg)
+        self.output = BertOutput(bert_cfg)
+
+    def forward(self, hidden_states, attention_mask, image_kv):
+        hidden_states, _ = self.attention(hidden_states, attention_mask)
+        hidden_states = self.crossattention(hidden_states, image_kv)
+        return self.output(self.intermediate(hidden_states), hidden_states)
+
+
+@torch.no_grad()
+def init_bert(module):
+    """BERT _init_weights: N(0, 0.02) Linear/Embedding, zero biases and pad row, LN 1/0 (spec §1.4)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, BertOnlyMLMHead):
+        nn.init.zeros_(module.predictions.bias)
+
+
+class TextEncoder(nn.Module):
+    """Holds the official key layout: bert.embeddings, bert.encoder.layer.{i}, cls.predictions (spec §8.2)."""
+
+    def __init__(self, config):
+        super().__init__()
+        cfg = bert_config(config)
+        layers = [BertLayer(cfg, layer_idx=i) for i in range(config.num_text_layers)]
+        layers += [FusionLayer(cfg, config.vision_width) for _ in range(config.num_cross_layers)]
+        self.bert = nn.ModuleDict(dict(
+            embeddings=BertEmbeddings(cfg),  # word + position + token-type(0) -> LayerNorm -> dropout
+            encoder=nn.ModuleDict(dict(layer=nn.ModuleList(layers))),
+        ))
+        self.cls = BertOnlyMLMHead(cfg)  # predictions.{transform.dense, transform.LayerNorm, decoder, bias}
+        self.apply(init_bert)
+        # tie the MLM decoder to the word embeddings, and decoder.bias to predictions.bias (spec §1.5, §8.2)
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        self.cls.predictions.decoder.bias = self.cls.predictions.bias
+
+
+def key_padding_mask(attention_mask):
+    """(B, L) 1 = token, 0 = pad -> (B, 1, 1, L) bool, True = may attend (same as -10000 on pads, spec §11)."""
+    return attention_mask.bool()[:, None, None, :]
+
+
+# ----------------------------------------------------------------------------------------------
+# APTM
+
+
+class APTM(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        Dv, Dt = config.vision_width, config.hidden_size
+        self.vision_encoder = SwinTransformer(config)
+        self.text_encoder = TextEncoder(config)
+        self.vision_proj = nn.Linear(Dv, config.embed_dim)
+        self.text_proj = nn.Linear(Dt, config.embed_dim)
+        self.itm_head = nn.Sequential(nn.Linear(Dt, 2 * Dt), nn.LayerNorm(2 * Dt), nn.GELU(), nn.Linear(2 * Dt, 2))
+        self.temp = nn.Parameter(torch.tensor(config.temp))  # τ, 0-dim, no clamp (spec §1.5)
+        # the encoders initialise themselves (init_swin, init_bert); vision_proj, text_proj and
+        # itm_head keep PyTorch's default init (spec §1.5)
+
+    @property
+    def text_layers(self):
+        return self.text_encoder.bert.encoder.layer[: self.config.num_text_layers]
+
+    @property
+    def fusion_layers(self):
+        return self.text_encoder.bert.encoder.layer[self.config.num_text_layers:]
+
+    def encode_image(self, images):
+        """images (B, 3, H, W) -> image_embeds (B, N, Dv) (spec §1.2)."""
+        return self.vision_encoder(images)
+
+    def encode_text(self, input_ids, attention_mask):
+        """'text' mode: embeddings + text layers. (B, L), (B, L) -> text_embeds (B, L, Dt) (spec §1.3)."""
+        mask = key_padding_mask(attention_mask)  # (B, 1, 1, L)
+        hidden_states = self.text_encoder.bert.embeddings(input_ids=input_ids)  # (B, L, Dt)
+        for layer in self.text_layers:
+            hidden_states = layer(hidden_states, mask)
+        return hidden_states
+
+    def cross_kv(self, image_embeds):
+        """image_embeds (B, N, Dv) -> per fusion layer (key, value), each (B, nH, N, Dt/nH).
+
+        Lets evaluation project each gallery image once and reuse it for many texts: index the batch
+        axis, e.g. [(k[idx], v[idx]) for k, v in kv], and pass it to encode_cross(image_kv=...).
+        """
+        return [layer.crossattention.self.key_value(image_embeds) for layer in self.fusion_layers]
+
+    def encode_cross(self, text_embeds, text_atts, image_embeds=None, image_kv=None):
+        """'fusion' mode: fusion layers on text_embeds (B, L, Dt) with image_embeds (B, N, Dv) or
+        image_kv from cross_kv -> (B, L, Dt). Position 0 is the fused [CLS] (spec §1.4)."""
+        if image_kv is None:
+            image_kv = self.cross_kv(image_embeds)
+        mask = key_padding_mask(text_atts)  # (B, 1, 1, L)
+        hidden_states = text_embeds
+        for layer, kv in zip(self.fusion_layers, image_kv):
+            hidden_states = layer(hidden_states, mask, kv)
+        return hidden_states
+
+    def itm_logits(self, text_embeds, text_atts, image_embeds=None, image_kv=None):
+        """-> (B, 2) fp32 logits, index 1 = match (spec §2.3, §11)."""
+        cls = self.encode_cross(text_embeds, text_atts, image_embeds, image_kv)[:, 0]  # (B, Dt)
+        return self.itm_head(cls).float()
+
+    def mlm_logits(self, input_ids, attention_mask, image_embeds, masked_pos, image_kv=None):
+        """'multi_modal' mode: all layers from the embeddings on the masked ids, with the unmasked
+        caption's attention mask; logits at masked_pos (B, M) -> (B, M, V) fp32 (spec §2.4, §11)."""
+        hidden_states = self.encode_text(input_ids, attention_mask)  # (B, L, Dt)
+        hidden_states = self.encode_cross(hidden_states, attention_mask, image_embeds, image_kv)
+        index = masked_pos.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1])  # (B, M, Dt)
+        return self.text_encoder.cls(hidden_states.gather(1, index)).float()  # (B, M, V)
+
+    def image_feat(self, image_embeds):
+        """(B, N, Dv) -> (B, D), not normalised (spec §11)."""
+        return self.vision_proj(image_embeds[:, 0])
+
+    def text_feat(self, text_embeds):
+        """(B, L, Dt) -> (B, D), not normalised (spec §11)."""
+        return self.text_proj(text_embeds[:, 0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser parameter groups (spec §5.1)
+
+# a parameter is not decayed if its name CONTAINS one of these [optim.py]; so every bias, every
+# LayerNorm, Swin's relative_position_bias_table and cls.predictions.bias; temp and itm_head.1.weight are decayed
+NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight",
+            "norm1.bias", "norm1.weight", "norm2.bias", "norm2.weight")
+
+
+def double_lr_prefixes(config, double_lr):
+    """Name prefixes of the parameters trained at lr_mult x lr (spec §5.1)."""
+    nt, nc, ns = config.num_text_layers, config.num_cross_layers, len(config.depths)
+    layer = "text_encoder.bert.encoder.layer."
+    if double_lr == "cross":  # pre-training: the cross-attention missing from bert-base-uncased
+        return tuple(f"{layer}{i}.crossattention." for i in range(nt, nt + nc))
+    if double_lr == "finetune":  # fine-tuning: last 2 Swin stages, last 2 text and 2 fusion layers, heads
+        stages = [f"vision_encoder.layers.{i}." for i in range(max(0, ns - 2), ns)]
+        layers = [f"{layer}{i}." for i in [*range(max(0, nt - 2), nt), *range(max(nt, nt + nc - 2), nt + nc)]]
+        return tuple(stages + layers + ["text_encoder.cls.", "vision_proj.", "text_proj.", "itm_head."])
+    if double_lr == "none":
+        return ()
+    raise ValueError(f"double_lr must be 'cross', 'finetune' or 'none', got {double_lr!r}")
+
+
+def optimizer_groups(model, weight_decay=0.01, lr=1e-4, lr_mult=2.0, double_lr="cross"):
+    """Four AdamW groups: (decay, lr), (no decay, lr), (decay, lr_mult*lr), (no decay, lr_mult*lr).
+
+    Each group also carries "lr_mult" (1 or lr_mult) so a schedule can set lr = get_lr(step) * lr_mult.
+    Pass the unwrapped model (no DDP "module." prefix). Tied tensors appear once, under their first name
+    (the MLM decoder weight under word_embeddings, so it gets the base lr, spec §5.1).
+    """
+    fast = double_lr_prefixes(model.config, double_lr)
+    groups = [dict(params=[], weight_decay=wd, lr=lr * mult, lr_mult=mult)
+              for mult in (1.0, lr_mult) for wd in (weight_decay, 0.0)]
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            no_decay = any(s in name for s in NO_DECAY)
+            groups[2 * name.startswith(fast) + no_decay]["params"].append(param)
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight loading: BERT folder, Microsoft Swin .pth, our and the official APTM checkpoints
+
+
+def load_into(module, state_dict, what):
+    """Strict load with one readable error naming missing, unexpected and mis-shaped keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = sorted(f"{k}: {tuple(state_dict[k].shape)} vs ours {tuple(own[k].shape)}"
+                    for k in set(own) & set(state_dict) if state_dict[k].shape != own[k].shape)
+    problems = [f"{label} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+                if keys]
+    if problems:
+        raise ValueError(f"cannot load {what}: " + "; ".join(problems))
+    module.load_state_dict(state_dict, strict=True)
+    return len(state_dict)
+
+
+def load_bert(model, bert_dir):
+    """Fill embeddings, all self-attention/FFN blocks and the MLM head from a bert-base-uncased-style
+    folder (config.json + weights); the fusion layers take the BERT layers after the text layers,
+    their cross-attention stays freshly initialised (spec §1.3, §1.4)."""
+    from transformers import BertForMaskedLM
+
+    bert = BertForMaskedLM.from_pretrained(bert_dir, local_files_only=True)
+    if bert.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"{bert_dir} has {bert.config.vocab_size} word pieces, the model {model.config.vocab_size}: "
+                         "build the tokenizer from the same folder so vocab_size matches")
+    needed = model.config.num_text_layers + model.config.num_cross_layers
+    if bert.config.num_hidden_layers < needed:
+        raise ValueError(f"{bert_dir} has {bert.config.num_hidden_layers} layers, the model needs {needed}")
+    own = model.text_encoder.state_dict()
+    wanted = {k: v for k, v in bert.state_dict().items()
+              if k in own and not k.startswith("cls.predictions.decoder.")}  # decoder is tied
+    wanted["cls.predictions.decoder.weight"] = wanted["bert.embeddings.word_embeddings.weight"]
+    wanted["cls.predictions.decoder.bias"] = wanted["cls.predictions.bias"]
+    fresh = {k: v for k, v in own.items() if ".crossattention." in k}
+    loaded = load_into(model.text_encoder, {**fresh, **wanted}, f"BERT weights from {bert_dir}")
+    print(f"load_bert: {loaded - len(fresh)} tensors from {bert_dir}; "
+          f"{len(fresh)} cross-attention tensors keep their fresh init")
+
+
+def geometric_coordinates(src, dst):
+    """BEiT source grid {0, ±1, ±(1+q), ±(1+q+q²), ...}; q by bisection on [1.01, 1.5] to 1e-6 so that the
+    half-width ≈ dst//2 (spec §1.2)."""
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if (1.0 - q ** (src // 2)) / (1.0 - q) > dst // 2:
+            right = q
+        else:
+            left = q
+    distances, current = [], 1.0
+    for i in range(src // 2):
+        distances.append(current)
+        current += q ** (i + 1)
+    return [-d for d in reversed(distances)] + [0.0] + distances
+
+
+def not_a_knot_matrix(x, x_new):
+    """(len(x_new), len(x)) matrix S with f(x_new) = S @ y for the not-a-knot cubic spline through (x, y).
+
+    Slopes s solve A s = R y (C² at interior knots, third derivative continuous at x[1] and x[-2]), as in
+    scipy's CubicSpline; points outside [x[0], x[-1]] are clamped to the ends, as FITPACK's bispev does.
+    """
+    n = len(x)
+    h = x[1:] - x[:-1]  # (n-1,)
+    delta = torch.zeros(n - 1, n, dtype=x.dtype)  # (y[i+1] - y[i]) / h[i] = delta @ y
+    delta[torch.arange(n - 1), torch.arange(n - 1)] = -1.0 / h
+    delta[torch.arange(n - 1), torch.arange(1, n)] = 1.0 / h
+    A = torch.zeros(n, n, dtype=x.dtype)
+    R = torch.zeros(n, n, dtype=x.dtype)
+    for i in range(1, n - 1):
+        A[i, i - 1], A[i, i], A[i, i + 1] = h[i], 2.0 * (h[i - 1] + h[i]), h[i - 1]
+        R[i] = 3.0 * (h[i] * delta[i - 1] + h[i - 1] * delta[i])
+    d = x[2] - x[0]
+    A[0, 0], A[0, 1] = h[1], d
+    R[0] = ((h[0] + 2.0 * d) * h[1] * delta[0] + h[0] ** 2 * delta[1]) / d
+    d = x[-1] - x[-3]
+    A[-1, -1], A[-1, -2] = h[-2], d
+    R[-1] = (h[-1] ** 2 * delta[-2] + (2.0 * d + h[-1]) * h[-2] * delta[-1]) / d
+    slopes = torch.linalg.solve(A, R)  # (n, n): s = slopes @ y
+    x_new = x_new.clamp(x[0], x[-1])
+    seg = (torch.searchsorted(x, x_new, right=True) - 1).clamp(0, n - 2)  # (m,)
+    t = ((x_new - x[seg]) / h[seg]).unsqueeze(1)  # (m, 1)
+    rows = torch.arange(len(x_new))
+    S = torch.zeros(len(x_new), n, dtype=x.dtype)
+    S[rows, seg] += (2 * t**3 - 3 * t**2 + 1).squeeze(1)  # Hermite basis h00
+    S[rows, seg + 1] += (-2 * t**3 + 3 * t**2).squeeze(1)  # h01
+    S += h[seg].unsqueeze(1) * ((t**3 - 2 * t**2 + t) * slopes[seg] + (t**3 - t**2) * slopes[seg + 1])
+    return S
+
+
+def resize_relative_position_bias_table(table, dst):
+    """(src², nH) -> (dst², nH): per head, the src×src (dh, dw) table resampled from the geometric grid
+    onto the integers -dst//2..dst//2 with a tensor-product not-a-knot cubic spline, the scipy-free
+    equivalent of the official interp2d(kind='cubic') (spec §1.2)."""
+    src = math.isqrt(table.shape[0])
+    if src == dst:
+        return table
+    if src < 4:
+        raise ValueError(f"cannot resize a {src}x{src} relative-position table (needs at least 4x4)")
+    x = torch.tensor(geometric_coordinates(src, dst), dtype=torch.float64)
+    x_new = torch.arange(-(dst // 2), dst // 2 + 1, dtype=torch.float64)
+    S = not_a_knot_matrix(x, x_new)  # (dst, src)
+    grid = table.detach().double().t().reshape(-1, src, src)  # (nH, src, src)
+    out = S @ grid @ S.t()  # (nH, dst, dst)
+    return out.reshape(-1, dst * dst).t().contiguous().to(table.dtype)  # (dst², nH)
+
+
+def load_swin(model, path):
+    """Load Microsoft's ImageNet Swin .pth ({'model': state_dict}) into model.vision_encoder (spec §1.2):
+    drop head.* and the recomputed buffers, resize every bias table to this geometry, strict otherwise."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    own = model.vision_encoder.state_dict()
+    skipped, kept = Counter(), {}
+    for key, value in state.items():
+        if key.startswith("head."):
+            skipped["ImageNet classifier head.*"] += 1
+        elif "relative_position_index" in key or "attn_mask" in key:
+            skipped["recomputed buffers (relative_position_index, attn_mask)"] += 1
+        else:
+            if key.endswith("relative_position_bias_table") and key in own and value.shape != own[key].shape:
+                skipped["bias tables resized (not skipped)"] += 1
+                value = resize_relative_position_bias_table(value, math.isqrt(own[key].shape[0]))
+            kept[key] = value
+    loaded = load_into(model.vision_encoder, kept, f"Swin weights from {path}")
+    for what, count in skipped.items():
+        print(f"load_swin: {what}: {count}")
+    print(f"load_swin: {loaded} tensors from {path}")
+
+
+# buffers of the official checkpoint that we recompute (spec §8.3, §11)
+RECOMPUTED_BUFFERS = ("relative_position_index", "attn_mask", "embeddings.position_ids", "embeddings.token_type_ids")
+TIED = {"text_encoder.cls.predictions.decoder.weight": "text_encoder.bert.embeddings.word_embeddings.weight",
+        "text_encoder.cls.predictions.decoder.bias": "text_encoder.cls.predictions.bias"}
+
+
+def load_state(model, state):
+    """Load our checkpoint, an official APTM one ({'model': sd, 'config': yaml dict}) or a bare state dict.
+
+    Renames the old `text_encoder.` prefix to `text_encoder.bert.` (spec §5.3), drops the recomputed
+    buffers, prints one line per category of skipped or changed key, raises ValueError naming the keys
+    on any other mismatch. Returns {category: count}.
+    """
+    state_dict = state["model"] if isinstance(state.get("model"), dict) else state
+    report, kept = Counter(), {}
+    for key, value in state_dict.items():
+        if key.startswith("module."):
+            key = key[len("module."):]
+            report["DDP prefix 'module.' removed"] += 1
+        if "text_encoder." in key and "bert." not in key and "cls" not in key:
+            key = key.replace("text_encoder.", "text_encoder.bert.")
+            report["renamed text_encoder. -> text_encoder.bert. (spec §5.3)"] += 1
+        if any(buffer in key for buffer in RECOMPUTED_BUFFERS):
+            report["recomputed buffers dropped"] += 1
+        elif key.startswith("img_cls."):
+            report["PA-100K ablation head img_cls.* dropped (spec §1.5)"] += 1
+        else:
+            kept[key] = value
+    for tied, source in TIED.items():
+        if tied not in kept and source in kept:
+            kept[tied] = kept[source]
+            report["tied MLM decoder filled from its source"] += 1
+    report["tensors loaded"] = load_into(model, kept, "checkpoint")
+    for what, count in report.items():
+        print(f"load_state: {what}: {count}")
+    return dict(report)
+
+
+def build_from_checkpoint(ckpt):
+    """Rebuild a model from a checkpoint dict alone: ours (ckpt['config'] = asdict(APTMConfig)) or an
+    official release (aptm-base, vocabulary size read from the word embeddings)."""
+    saved = ckpt.get("config")
+    names = {f.name for f in fields(APTMConfig)}
+    if isinstance(saved, dict) and saved and set(saved) <= names:
+        config = APTMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    else:
+        state_dict = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
+        words = next(v for k, v in state_dict.items() if k.endswith("embeddings.word_embeddings.weight"))
+        config = replace(CONFIGS["aptm-base"], vocab_size=words.shape[0])
+        if isinstance(saved, dict) and "max_tokens" in saved:  # e.g. 15 for PA-100K (spec §3.2)
+            config = replace(config, max_tokens=saved["max_tokens"])
+    model = APTM(config)
+    load_state(model, ckpt)
+    return model
