@@ -1,0 +1,464 @@
+"""APTM pre-training on MALS-format data: ITC + ITM + MLM + β·mean(IAC, IAM, MAM) (spec §2.9, E9).
+
+    python pretrain.py                                   # tiny preset on the built-in synthetic world (CPU: minutes)
+    python pretrain.py --preset aptm-base --ann 'data/gene_attrs/*.json' --image-root images/MALS \\
+        --bert data/bert-base-uncased --swin data/swin_base_patch4_window7_224_22k.pth   # the paper's run
+    torchrun --nproc_per_node 4 pretrain.py --preset aptm-base ...                      # several GPUs (DDP)
+    python pretrain.py --resume out/pretrain/ckpt.pt                                     # continue a killed run exactly
+
+This file also holds the training plumbing that finetune.py reuses: distributed set-up, the feature gather
+for ITC, the learning-rate schedule `get_lr`, checkpoints, and `train()`, one plain mixed-precision loop.
+
+Shapes: B batch, L text tokens, N image tokens, Dv/Dt vision/text widths, D projection width.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from attributes import MALS_PROMPTS, attribute_losses
+from data import (NORMALIZATION, PretrainDataset, Tokenizer, check_images, fail, load_retrieval, make_synthetic,
+                  mask_tokens, read_mals, train_transform)
+from evaluate import evaluate_retrieval
+from losses import itc_loss, itm_loss, mlm_loss, pretrain_objective, sample_hard_negatives
+from model import APTM, CONFIGS, load_bert, load_swin, optimizer_groups
+
+# Run lengths that differ between the CPU default and the paper (spec §5.4); None on the command line means "take
+# the preset's value".
+PRESET_DEFAULTS = {
+    "tiny": dict(epochs=6, batch_size=48, warmup_steps=50, eval_batch_size=128),
+    "aptm-base": dict(epochs=32, batch_size=150, warmup_steps=2600, eval_batch_size=150),
+}
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # data
+    parser.add_argument("--ann", nargs="+", help="MALS *_attrs.json files or globs (default: the synthetic world)")
+    parser.add_argument("--image-root", help="folder the 'image' paths of --ann are relative to")
+    parser.add_argument("--val-dataset", default="synthetic", choices=["synthetic", "cuhk", "rstp", "none"],
+                        help="zero-shot retrieval monitored each epoch on its val split (official: CUHK test, spec §5.3)")
+    parser.add_argument("--val-root", help="data root of --val-dataset (real datasets)")
+    parser.add_argument("--data-dir", default="data/synthetic", help="where the synthetic world is made and cached")
+    # model
+    parser.add_argument("--preset", default="tiny", choices=sorted(CONFIGS), help="model size (model.py)")
+    parser.add_argument("--bert", help="bert-base-uncased folder: text weights and vocabulary (spec §1.3)")
+    parser.add_argument("--swin", help="swin_base_patch4_window7_224_22k.pth (spec §1.2)")
+    # optimisation (spec §5)
+    parser.add_argument("--epochs", type=int, help="paper 32; tiny 6")
+    parser.add_argument("--batch-size", type=int, help="per process; paper 150 on each of 4 GPUs; tiny 48")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW lr (spec §5.1)")
+    parser.add_argument("--weight-decay", type=float, default=0.01, help="spec §5.1")
+    parser.add_argument("--warmup-steps", type=int, help="linear warm-up; paper 2600 (spec §5.2)")
+    parser.add_argument("--beta", type=float, default=0.8, help="weight of the attribute stream, E9 (config key 't')")
+    parser.add_argument("--label-smoothing", type=float, default=0.4, help="ε of E7 on IAC and IAM (spec §2.8)")
+    parser.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm; 0 = none (official: none)")
+    # system
+    parser.add_argument("--out-dir", default="out/pretrain")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bf16 autocast where the GPU supports it, else fp16 + GradScaler; fp32 on CPU")
+    parser.add_argument("--workers", type=int, default=2, help="data-loader processes (decode, augment, mask)")
+    parser.add_argument("--seed", type=int, default=42, help="official: 42 + rank")
+    parser.add_argument("--log-every", type=int, default=20, help="steps between log lines")
+    parser.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests); the schedule keeps "
+                        "its full length")
+    parser.add_argument("--resume", help="checkpoint to continue from, with its saved settings")
+    args = parser.parse_args(argv)
+    return fill_preset_defaults(args, parser, PRESET_DEFAULTS)
+
+
+def fill_preset_defaults(args, parser, table):
+    """Take the run lengths the user did not give from the preset's row of `table`, and check the numbers."""
+    for key, value in table[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be at least 1")
+    if args.batch_size < 2:
+        parser.error("--batch-size must be at least 2: ITM needs an in-batch negative (spec §2.3)")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plumbing shared with finetune.py: distributed set-up, precision, sampling, schedule, checkpoints
+
+
+def setup_distributed(device_name):
+    """Return (rank, world_size, device). Under torchrun (RANK set) join the process group: NCCL on GPUs, gloo on
+    CPUs. A single process makes no distributed calls at all."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device_name)
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if device_name.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return rank, world_size, torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return rank, world_size, torch.device("cpu")
+
+
+def autocast_setup(device, dtype_name):
+    """(autocast context, dtype, GradScaler): bf16 where supported, fp16 + loss scaling otherwise, fp32 on CPU."""
+    if dtype_name == "auto":
+        dtype_name = "float32" if device.type != "cuda" else (
+            "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    dtype = getattr(torch, dtype_name)
+    ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
+    return ctx, dtype, scaler
+
+
+def gather(x):
+    """Concatenate a tensor over all processes for ITC (spec §5.3: ITC uses the global batch), keeping the graph.
+    The backward pass sums the gradients of every rank's copy, so the gradient equals that of one process holding
+    the whole batch. (The official AllGather returns only the local slice, which scales ITC's gradient by
+    1/world_size under DDP's averaging; our choice, documented in the README.)"""
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    if not x.is_floating_point():  # identity labels: no gradient to carry
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        return torch.cat(parts)
+    return torch.cat(dist_fn.all_gather(x))
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of one epoch, as a batch sampler: a permutation seeded by (seed, epoch), cut into this rank's share
+    (drop_last, as the official loader), starting at `start` batches in so that a resumed run sees exactly the
+    batches it would have seen."""
+
+    def __init__(self, num_samples, batch_size, seed, epoch, rank=0, world_size=1, start=0):
+        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+        order = torch.randperm(num_samples, generator=generator).tolist()
+        per_rank = num_samples // (batch_size * world_size) * batch_size
+        mine = order[rank * per_rank:(rank + 1) * per_rank]
+        self.batches = [mine[i:i + batch_size] for i in range(0, per_rank, batch_size)][start:]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def steps_per_epoch(num_samples, batch_size, world_size):
+    return num_samples // (batch_size * world_size)
+
+
+def get_lr(step, total_steps, warmup_steps, schedule):
+    """λ(s) of spec §5.2, the factor on every group's own lr. s starts at 0, so the first step runs at lr 0.
+    linear: s/W during warm-up, then (T−s)/(T−W). step: the same, times 1 / 0.5 / 0.2 from s = 0 / 4W / 7W."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    decay = max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return decay
+    return decay * (1.0 if step < 4 * warmup_steps else 0.5 if step < 7 * warmup_steps else 0.2)
+
+
+def rng_state(generator):
+    state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                 generator=generator.get_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state, generator):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, checkpoint):
+    """torch.save to a temporary file, then rename: a run killed mid-write never leaves a broken checkpoint."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a truncated or foreign file: say which one, not a traceback
+        fail(f"{path}: cannot be read as a torch checkpoint ({error.__class__.__name__}: {error})")
+
+
+def train(args, objective, model, tokenizer, dataset, evaluate_epoch, double_lr, schedule, warmup):
+    """The training loop shared by pre-training and fine-tuning.
+
+    objective(batch, generator) -> dict of named loss terms with "total" (a module, so that DDP sees the forward);
+    evaluate_epoch(model, epoch) -> (metrics dict, is_best) runs on rank 0 after each epoch.
+    warmup: steps (int) or a fraction of all steps (float). double_lr: the 2x lr set of spec §5.1.
+    Writes out_dir/ckpt.pt after each epoch (and at --max-steps), out_dir/best.pt when is_best, and log.jsonl.
+    """
+    rank, world_size, device = args.rank, args.world_size, args.device_obj
+    master = rank == 0
+    ctx, dtype, scaler = autocast_setup(device, args.dtype)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay, args.lr, 2.0, double_lr),
+                                  lr=args.lr, betas=(0.9, 0.98), eps=1e-8)  # spec §5.1
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
+    generator = torch.Generator(device).manual_seed(args.seed + rank)  # hard negatives, IAM prompts, MAM images
+    per_epoch = steps_per_epoch(len(dataset), args.batch_size, world_size)
+    if per_epoch == 0:
+        fail(f"{len(dataset)} training samples cannot fill one batch of {args.batch_size} x {world_size} processes")
+    total_steps = args.epochs * per_epoch
+    # Warm-up W is a step count, or a fraction of all steps when given as a float (spec §5.2).
+    warmup_steps = int(warmup * total_steps) if isinstance(warmup, float) else warmup
+    step = 0
+    if args.resume_checkpoint is not None:
+        checkpoint = args.resume_checkpoint
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"][min(rank, len(checkpoint["rng"]) - 1)], generator)
+        step = checkpoint["step"]
+    wrapped = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world_size > 1 else objective
+    log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
+
+    def checkpoint_dict():
+        states = [rng_state(generator)]
+        if world_size > 1:  # every rank's RNG, so a resumed DDP run continues exactly
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, states[0])
+            states = gathered
+        return dict(model=model.state_dict(), config=asdict(model.config), tokenizer=tokenizer.state(),
+                    args={k: v for k, v in vars(args).items() if not k.startswith(("device_obj", "resume_ch"))},
+                    step=step, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=states)
+
+    if master:
+        print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {world_size} x {device} "
+              f"({dtype}), {len(dataset):,} samples, {per_epoch} steps/epoch x {args.epochs} epochs")
+    last_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    t_log, pairs_since_log = time.time(), 0
+    while step < last_step:
+        epoch, start = divmod(step, per_epoch)
+        dataset.set_epoch(epoch)
+        sampler = EpochBatches(len(dataset), args.batch_size, args.seed, epoch, rank, world_size, start)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
+                                             pin_memory=device.type == "cuda", generator=torch.Generator())
+        model.train()
+        bar = tqdm(loader, total=len(sampler), desc=f"epoch {epoch}", disable=not master, leave=False,
+                   dynamic_ncols=True)
+        is_best = False
+        for batch in bar:
+            # ---------------- TRAINING STEP BEGIN ----------------
+            lr_factor = get_lr(step, total_steps, warmup_steps, schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with ctx:
+                terms = wrapped(batch, generator)
+            if not torch.isfinite(terms["total"]):
+                values = {k: round(v.item(), 4) for k, v in terms.items()}
+                fail(f"non-finite loss at step {step}: {values} (lower --lr, or try --dtype float32)")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["total"]).backward()
+            scaler.unscale_(optimizer)
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            # ---------------- TRAINING STEP END ----------------
+            pairs_since_log += len(batch["image"]) * world_size
+            if master and (step % args.log_every == 0 or step == last_step):
+                seconds = time.time() - t_log
+                record = dict(step=step, epoch=epoch, lr=args.lr * lr_factor,
+                              **{k: round(v.item(), 4) for k, v in terms.items()},
+                              pairs_per_s=round(pairs_since_log / seconds, 1))
+                tqdm.write(" | ".join(f"{k} {v}" for k, v in record.items()))
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                t_log, pairs_since_log = time.time(), 0
+            if step == last_step:
+                break
+        epoch_done = step % per_epoch == 0
+        if epoch_done and master:
+            metrics, is_best = evaluate_epoch(model, epoch)
+            if metrics:
+                tqdm.write(f"epoch {epoch} | " + " | ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+                log_file.write(json.dumps(dict(step=step, epoch=epoch, **metrics)) + "\n")
+                log_file.flush()
+        if world_size > 1:
+            dist.barrier()
+        checkpoint = checkpoint_dict()
+        if master:
+            save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), checkpoint)
+            if epoch_done and is_best:
+                save_checkpoint(os.path.join(args.out_dir, "best.pt"), checkpoint)
+    if master:
+        log_file.close()
+    return step
+
+
+def init_run(args):
+    """Distributed set-up, seeds, output folder, and --resume: the run's saved settings replace the command's
+    (except --max-steps)."""
+    args.rank, args.world_size, args.device_obj = setup_distributed(args.device)
+    args.resume_checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        saved = dict(checkpoint["args"])
+        for key in ("max_steps", "resume", "rank", "world_size"):
+            saved.pop(key, None)
+        vars(args).update(saved)
+        args.resume_checkpoint = checkpoint
+    torch.manual_seed(args.seed + args.rank)
+    np.random.seed(args.seed + args.rank)
+    random.seed(args.seed + args.rank)
+    os.makedirs(args.out_dir, exist_ok=True)
+    return args
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The objective: E9 on one batch
+
+
+def retrieval_losses(model, image_embeds, image_feat, input_ids, attention_mask, pid, generator):
+    """ITC (E1, over the batch gathered from all processes) and ITM with in-batch hard negatives (E2) for one
+    batch of captions. Returns (itc, itm, text_embeds). finetune.py calls it for the caption and its EDA copy."""
+    text_embeds = model.encode_text(input_ids, attention_mask)                        # (B, L, Dt)
+    text_feat = model.text_feat(text_embeds)                                          # (B, D)
+    loss_itc = itc_loss(gather(image_feat), gather(text_feat), gather(pid), model.temp)
+    # Hard negatives are drawn within the local batch (spec §2.3): for each text an image, for each image a text.
+    neg_image, neg_text = sample_hard_negatives(image_feat, text_feat, pid, model.temp, generator)  # (B,), (B,)
+    # 3B pairs: (I_b, T_b) label 1, (Ĩ_b, T_b) label 0, (I_b, T̃_b) label 0.
+    pair_text = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]])          # (3B, L, Dt)
+    pair_atts = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])  # (3B, L)
+    pair_image = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])     # (3B, N, Dv)
+    labels = torch.cat([torch.ones_like(pid), torch.zeros_like(pid), torch.zeros_like(pid)])  # (3B,)
+    loss_itm = itm_loss(model.itm_logits(pair_text, pair_atts, pair_image), labels)
+    return loss_itc, loss_itm, text_embeds
+
+
+class PretrainObjective(torch.nn.Module):
+    """E9 on one batch: L = L_itc + L_itm + L_mlm + β·(L_iac + L_iam + L_mam)/3 (spec §2.9)."""
+
+    def __init__(self, model, tokenizer, prompts, beta, label_smoothing, max_tokens):
+        super().__init__()
+        self.model, self.tokenizer, self.beta, self.label_smoothing = model, tokenizer, beta, label_smoothing
+        # The prompts are tokenised once, padded to the longest (spec §3.1); they are re-masked every step.
+        prompt_ids, prompt_atts = tokenizer(prompts, max_length=max_tokens, padding="longest")  # (P, Lp)
+        self.register_buffer("prompt_ids", prompt_ids, persistent=False)
+        self.register_buffer("prompt_atts", prompt_atts, persistent=False)
+
+    def forward(self, batch, generator):
+        model = self.model
+        image_embeds = model.encode_image(batch["image"])                             # (B, N, Dv)
+        image_feat = model.image_feat(image_embeds)                                   # (B, D)
+        loss_itc, loss_itm, _ = retrieval_losses(model, image_embeds, image_feat, batch["input_ids"],
+                                                 batch["attention_mask"], batch["pid"], generator)
+        # MLM on the caption, conditioned on the image (E3); the masks were drawn in the data-loader workers.
+        mlm_logits = model.mlm_logits(batch["masked_ids"], batch["attention_mask"], image_embeds,
+                                      batch["masked_pos"])                            # (B, M, V)
+        loss_mlm = mlm_loss(mlm_logits, batch["masked_labels"])
+        # The attribute-prompt stream (E4-E6); prompt masks are drawn afresh each step (spec §2.7).
+        # (They use the global CPU generator, whose state the checkpoint keeps.)
+        masked_ids, masked_pos, masked_labels = mask_tokens(self.prompt_ids.cpu(), self.tokenizer, None)
+        device = image_embeds.device
+        attr = attribute_losses(model, image_embeds, image_feat, batch["attr_label"], self.prompt_ids,
+                                self.prompt_atts, masked_ids.to(device), masked_pos.to(device),
+                                masked_labels.to(device), generator, self.label_smoothing)
+        return pretrain_objective(loss_itc, loss_itm, loss_mlm, attr["iac"], attr["iam"], attr["mam"], self.beta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(args, corpus):
+    """bert-base-uncased's vocabulary with --bert, otherwise one built offline from the texts (spec §1.3)."""
+    if args.resume_checkpoint is not None:
+        return Tokenizer.from_state(args.resume_checkpoint["tokenizer"])
+    if args.bert:
+        return Tokenizer.from_bert_dir(args.bert)
+    return Tokenizer.from_corpus(corpus)
+
+
+def build_model(args, tokenizer):
+    config = CONFIGS[args.preset]
+    config = type(config)(**{**asdict(config), "vocab_size": tokenizer.vocab_size})
+    model = APTM(config)
+    if args.bert:
+        load_bert(model, args.bert)
+    if args.swin:
+        load_swin(model, args.swin)
+    if args.resume_checkpoint is not None:
+        model.load_state_dict(args.resume_checkpoint["model"])
+    return model.to(args.device_obj)
+
+
+def retrieval_monitor(args, tokenizer, dataset, split, normalization):
+    """evaluate_epoch for train(): text→image retrieval on a split, best = highest R1 so far."""
+    if dataset == "none":
+        return lambda model, epoch: ({}, False)
+    testset = load_retrieval(dataset, args.val_root or args.synthetic["cuhk_raw"], split)
+    best = {"R1": -1.0}
+
+    def evaluate_epoch(model, epoch):
+        metrics = evaluate_retrieval(model, tokenizer, testset, args.device_obj, k_rerank=args.k_rerank,
+                                     normalization=normalization, batch_size=args.eval_batch_size)
+        metrics = {f"{split}_{k}": v for k, v in metrics.items() if k in ("R1", "R5", "R10", "mAP", "mINP")}
+        is_best = metrics[f"{split}_R1"] > best["R1"]
+        best["R1"] = max(best["R1"], metrics[f"{split}_R1"])
+        return metrics, is_best
+
+    return evaluate_epoch
+
+
+def main(argv=None):
+    args = init_run(get_args(argv))
+    args.k_rerank = getattr(args, "k_rerank", 128)
+    if args.ann:
+        entries = read_mals(args.ann, args.image_root or ".")
+    else:
+        args.synthetic = make_synthetic(args.data_dir)
+        entries = read_mals(args.synthetic["mals_ann"], args.synthetic["mals_root"])
+    if args.val_dataset == "synthetic" and not hasattr(args, "synthetic"):
+        args.synthetic = make_synthetic(args.data_dir)
+    check_images([entry["image"] for entry in entries])
+    tokenizer = build_tokenizer(args, [e["caption"] for e in entries] + list(MALS_PROMPTS))
+    model = build_model(args, tokenizer)
+    config = model.config
+    dataset = PretrainDataset(entries, train_transform(config.image_size, NORMALIZATION["mals"]), tokenizer,
+                              config.max_tokens, seed=args.seed)
+    objective = PretrainObjective(model, tokenizer, MALS_PROMPTS, args.beta, args.label_smoothing,
+                                  config.max_tokens).to(args.device_obj)
+    monitor = retrieval_monitor(args, tokenizer, args.val_dataset, "val",
+                                NORMALIZATION["cuhk" if args.val_dataset == "synthetic" else args.val_dataset])
+    t0 = time.time()
+    train(args, objective, model, tokenizer, dataset, monitor, double_lr="cross", schedule="linear",
+          warmup=args.warmup_steps)
+    if args.rank == 0:
+        print(f"done in {time.time() - t0:.0f} s; checkpoint: {os.path.join(args.out_dir, 'ckpt.pt')}")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
