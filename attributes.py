@@ -344,11 +344,13 @@ def get_args(argv=None):
     parser.add_argument("--bert", help="bert-base-uncased folder: the vocabulary of an official checkpoint")
     parser.add_argument("--dataset", default="synthetic", choices=sorted(ATTRIBUTE_DATASETS),
                         help="synthetic: the synthetic world's attribute split, 27 MALS attributes with full labels")
-    parser.add_argument("--data-root", help="PA-100K folder (PA100K_{train,val,test}.json or annotation.mat)")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--data-root", help="PA-100K folder (PA100K_{train,val,test}.json or annotation.mat); "
+                        "for synthetic, the world's folder (default data/synthetic)")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="synthetic: train or test")
     parser.add_argument("--image", help="print the predicted attributes of this one image")
     parser.add_argument("--batch-size", type=int, help="images per batch; training: paper 200, tiny 48")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=6 if torch.cuda.is_available() else 0,
+                        help="data-loader processes; 0 on a CPU (see pretrain.py)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="write the metrics here")
     # fine-tuning with E13 (PA-100K recipe, spec §3.2 / §5.4)
@@ -370,14 +372,13 @@ def get_args(argv=None):
 
 
 def main(argv=None):
-    from data import fail, load_image, read_attributes, test_transform
+    from data import NORMALIZATION, fail, load_image, test_transform
     from evaluate import load_model_and_tokenizer
 
     args = get_args(argv)
     device = torch.device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.ckpt, args.bert, device)
     table, norm = ATTRIBUTE_DATASETS[args.dataset]
-    from data import NORMALIZATION
     normalization = NORMALIZATION[norm]
     names = ATTRIBUTE_TABLES[table]
     if args.image:
@@ -392,12 +393,11 @@ def main(argv=None):
         for k, name in enumerate(names):
             print(f"{name:<16} {prompts[2 * k + int(pred[k])]}")
         return pred
-    source = "synthetic" if args.dataset == "synthetic" else args.data_root
     if args.train:
-        model = train_attributes(args, model, tokenizer, read_attributes(source, split="train"), table, norm)
-    entries = read_attributes(source, split=args.split)
+        model = train_attributes(args, model, tokenizer, attribute_split(args, "train"), table, norm)
+    entries = attribute_split(args, args.split)
     if not entries:
-        fail(f"{source}: the {args.split} split is empty")
+        fail(f"the {args.dataset} {args.split} split is empty")
     metrics, per_attribute = evaluate_attributes(model, tokenizer, entries, table, normalization,
                                                  args.batch_size or 128, args.workers)
     print_table(metrics, per_attribute, names)
@@ -406,6 +406,15 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(dict(metrics=metrics, per_attribute=dict(zip(names, per_attribute))), f, indent=1)
     return metrics
+
+
+def attribute_split(args, split):
+    """(image_path, labels) of a split: the synthetic world's attr_{split}.json, or PA-100K under --data-root."""
+    from data import read_attributes, synthetic_world
+
+    if args.dataset == "synthetic":
+        return read_attributes(synthetic_world(args.data_root or "data/synthetic")[f"attr_{split}"])
+    return read_attributes(args.data_root, split=split)
 
 
 def train_attributes(args, model, tokenizer, entries, table, norm):

@@ -602,7 +602,7 @@ def read_mals(ann_paths_or_globs, image_root, check=True):
 
 def _default_retrieval_file(dataset, data_root, split):
     if dataset == "synthetic":
-        return _synthetic_world(data_root)["cuhk_raw"]
+        return synthetic_world(data_root)["cuhk_raw"]
     raw = {"cuhk": "reid_raw.json", "icfg": "ICFG-PEDES.json", "rstp": "data_captions.json"}[dataset]
     candidates = [os.path.join(data_root, raw), os.path.join(data_root, f"{dataset}_{split}.json"),
                   os.path.join(data_root, "finetune", f"{dataset}_{split}.json")]
@@ -722,7 +722,7 @@ def read_attributes(path_or_dataset, image_root=None, split="test", check=True):
     (26 or 27)."""
     source = path_or_dataset
     if source == "synthetic":
-        paths = _synthetic_world("data/synthetic")
+        paths = synthetic_world("data/synthetic")
         source = paths[f"attr_{split}"] if f"attr_{split}" in paths else fail(
             f"unknown split {split!r} for the synthetic attributes; choose train or test")
     if os.path.isdir(source):
@@ -1211,7 +1211,7 @@ def _synthetic_paths(root):
             "attr_root": os.path.join(root, "attributes"), "info": os.path.join(root, _MARKER)}
 
 
-def _synthetic_world(root):
+def synthetic_world(root):
     """The world under `root` as it is (any settings), generated with the defaults if it is not there."""
     paths = _synthetic_paths(root)
     return paths if os.path.isfile(paths["info"]) else make_synthetic(root)

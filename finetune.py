@@ -20,12 +20,12 @@ from dataclasses import asdict
 
 import torch
 
-from data import NORMALIZATION, FinetuneDataset, Tokenizer, check_images, fail, load_retrieval, make_synthetic, \
+from data import NORMALIZATION, FinetuneDataset, Tokenizer, check_images, fail, load_retrieval, synthetic_world, \
     train_transform
 from evaluate import evaluate_retrieval
 from losses import finetune_objective, mlm_loss
 from model import APTM, CONFIGS, build_from_checkpoint, load_bert, load_state
-from pretrain import (autocast_setup, cleanup_distributed, fill_preset_defaults, init_run, load_checkpoint,
+from pretrain import (DEFAULT_WORKERS, autocast_setup, cleanup_distributed, fill_preset_defaults, init_run, load_checkpoint,
                       retrieval_losses, retrieval_monitor, train)
 
 PRESET_DEFAULTS = {
@@ -39,7 +39,8 @@ def get_args(argv=None):
     # data
     parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "cuhk", "icfg", "rstp"])
     parser.add_argument("--data-root", help="dataset folder (annotations + images; see README)")
-    parser.add_argument("--data-dir", default="data/synthetic", help="where the synthetic world is made and cached")
+    parser.add_argument("--data-dir", default="data/synthetic",
+                        help="the synthetic world: used as it is if there, made with the defaults if not")
     # model
     parser.add_argument("--init", help="checkpoint to start from: ours, or a released APTM checkpoint")
     parser.add_argument("--preset", default="tiny", choices=sorted(CONFIGS),
@@ -59,7 +60,8 @@ def get_args(argv=None):
     parser.add_argument("--out-dir", default="out/finetune")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--workers", type=int, default=2, help="data-loader processes (decode, augment, EDA, mask)")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                        help="data-loader processes (decode, augment, EDA, mask); 0 on a CPU, where workers would fight the model for the cores")
     parser.add_argument("--seed", type=int, default=42, help="official: 42 + rank")
     parser.add_argument("--log-every", type=int, default=20, help="steps between log lines")
     parser.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
@@ -126,7 +128,7 @@ def main(argv=None):
     args = init_run(get_args(argv))
     data_root = args.data_root
     if args.dataset == "synthetic":
-        args.synthetic = make_synthetic(args.data_dir)
+        args.synthetic = synthetic_world(args.data_dir)
         data_root = args.synthetic["cuhk_raw"]
     elif not data_root:
         fail(f"--dataset {args.dataset} needs --data-root (the dataset folder)")
@@ -147,7 +149,9 @@ def main(argv=None):
           double_lr="finetune", schedule="step", warmup=args.warmup)
     if args.rank == 0:
         minutes = (time.time() - t0) / 60
-        chosen = os.path.join(args.out_dir, "best.pt" if has_val else "ckpt.pt")
+        best = os.path.join(args.out_dir, "best.pt")
+        # No best.pt without a validation split, or when --max-steps ended the run before an epoch did.
+        chosen = best if has_val and os.path.isfile(best) else os.path.join(args.out_dir, "ckpt.pt")
         model.load_state_dict(load_checkpoint(chosen)["model"])
         testset = load_retrieval(args.dataset, data_root, "test")
         test = evaluate_retrieval(model, tokenizer, testset, args.device_obj, k_rerank=args.k_rerank,

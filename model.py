@@ -59,6 +59,7 @@ class APTMConfig:
     embed_dim: int = 256  # ITC projection (spec §1.5)
     temp: float = 0.07  # initial τ, no clamp (spec §1.5)
     max_tokens: int = 56  # caption length incl. [CLS] (spec §1.3)
+    init_std: float = 0.02  # N(0, init_std) for new text/cross weights: BERT's initializer_range (spec §1.4)
 
     @property
     def vision_width(self):
@@ -356,10 +357,10 @@ class FusionLayer(nn.Module):
 
 
 @torch.no_grad()
-def init_bert(module):
-    """BERT _init_weights: N(0, 0.02) Linear/Embedding, zero biases and pad row, LN 1/0 (spec §1.4)."""
+def init_bert(module, std=0.02):
+    """BERT _init_weights: N(0, std) Linear/Embedding, zero biases and pad row, LN 1/0 (spec §1.4)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
+        nn.init.normal_(module.weight, std=std)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding) and module.padding_idx is not None:
@@ -384,7 +385,7 @@ class TextEncoder(nn.Module):
             encoder=nn.ModuleDict(dict(layer=nn.ModuleList(layers))),
         ))
         self.cls = BertOnlyMLMHead(cfg)  # predictions.{transform.dense, transform.LayerNorm, decoder, bias}
-        self.apply(init_bert)
+        self.apply(lambda module: init_bert(module, config.init_std))
         # tie the MLM decoder to the word embeddings, and decoder.bias to predictions.bias (spec §1.5, §8.2)
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
         self.cls.predictions.decoder.bias = self.cls.predictions.bias

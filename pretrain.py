@@ -24,16 +24,20 @@ from dataclasses import asdict
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from attributes import MALS_PROMPTS, attribute_losses
-from data import (NORMALIZATION, PretrainDataset, Tokenizer, check_images, fail, load_retrieval, make_synthetic,
-                  mask_tokens, read_mals, train_transform)
+from data import (NORMALIZATION, PretrainDataset, Tokenizer, check_images, fail, load_retrieval, mask_tokens,
+                  read_mals, synthetic_world, train_transform)
 from evaluate import evaluate_retrieval
 from losses import itc_loss, itm_loss, mlm_loss, pretrain_objective, sample_hard_negatives
 from model import APTM, CONFIGS, load_bert, load_swin, optimizer_groups
+
+# Data-loader processes: on a GPU machine they decode, augment and mask while the GPU computes; on a CPU they
+# would take the cores the model's threads spin on (measured: 10-30x slower steps), so there the main process
+# loads the data itself.
+DEFAULT_WORKERS = 6 if torch.cuda.is_available() else 0
 
 # Run lengths that differ between the CPU default and the paper (spec §5.4); None on the command line means "take
 # the preset's value".
@@ -51,7 +55,8 @@ def get_args(argv=None):
     parser.add_argument("--val-dataset", default="synthetic", choices=["synthetic", "cuhk", "rstp", "none"],
                         help="zero-shot retrieval monitored each epoch on its val split (official: CUHK test, spec §5.3)")
     parser.add_argument("--val-root", help="data root of --val-dataset (real datasets)")
-    parser.add_argument("--data-dir", default="data/synthetic", help="where the synthetic world is made and cached")
+    parser.add_argument("--data-dir", default="data/synthetic",
+                        help="the synthetic world: used as it is if there, made with the defaults if not")
     # model
     parser.add_argument("--preset", default="tiny", choices=sorted(CONFIGS), help="model size (model.py)")
     parser.add_argument("--bert", help="bert-base-uncased folder: text weights and vocabulary (spec §1.3)")
@@ -70,7 +75,8 @@ def get_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bf16 autocast where the GPU supports it, else fp16 + GradScaler; fp32 on CPU")
-    parser.add_argument("--workers", type=int, default=2, help="data-loader processes (decode, augment, mask)")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                        help="data-loader processes (decode, augment, mask); 0 on a CPU, where workers would fight the model for the cores")
     parser.add_argument("--seed", type=int, default=42, help="official: 42 + rank")
     parser.add_argument("--log-every", type=int, default=20, help="steps between log lines")
     parser.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests); the schedule keeps "
@@ -122,18 +128,35 @@ def autocast_setup(device, dtype_name):
     return ctx, dtype, scaler
 
 
+class GatherWithGrad(torch.autograd.Function):
+    """All-gather along the batch axis whose backward sums every rank's gradient and returns this rank's slice.
+    Every rank computes the same loss over the gathered batch, so after DDP averages the parameter gradients
+    over the W ranks they equal those of one process holding the whole batch. (The official AllGather returns
+    only the local slice, which scales ITC's gradient by 1/W under DDP; our choice, see README.)"""
+
+    @staticmethod
+    def forward(ctx, x):                                                              # (B, ...)
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)                                                       # (W·B, ...)
+
+    @staticmethod
+    def backward(ctx, grad):                                                          # (W·B, ...)
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        share = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * share:(dist.get_rank() + 1) * share]           # (B, ...)
+
+
 def gather(x):
-    """Concatenate a tensor over all processes for ITC (spec §5.3: ITC uses the global batch), keeping the graph.
-    The backward pass sums the gradients of every rank's copy, so the gradient equals that of one process holding
-    the whole batch. (The official AllGather returns only the local slice, which scales ITC's gradient by
-    1/world_size under DDP's averaging; our choice, documented in the README.)"""
+    """Concatenate a tensor over all processes for ITC (spec §5.3: ITC uses the global batch); identity in a
+    single process. Ranks hold equal batches (the sampler drops the rest)."""
     if not (dist.is_available() and dist.is_initialized()):
         return x
-    if not x.is_floating_point():  # identity labels: no gradient to carry
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x)
-        return torch.cat(parts)
-    return torch.cat(dist_fn.all_gather(x))
+    if x.is_floating_point():
+        return GatherWithGrad.apply(x)
+    with torch.no_grad():
+        return GatherWithGrad.forward(None, x)
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -438,10 +461,10 @@ def main(argv=None):
     if args.ann:
         entries = read_mals(args.ann, args.image_root or ".")
     else:
-        args.synthetic = make_synthetic(args.data_dir)
+        args.synthetic = synthetic_world(args.data_dir)
         entries = read_mals(args.synthetic["mals_ann"], args.synthetic["mals_root"])
     if args.val_dataset == "synthetic" and not hasattr(args, "synthetic"):
-        args.synthetic = make_synthetic(args.data_dir)
+        args.synthetic = synthetic_world(args.data_dir)
     check_images([entry["image"] for entry in entries])
     tokenizer = build_tokenizer(args, [e["caption"] for e in entries] + list(MALS_PROMPTS))
     model = build_model(args, tokenizer)
@@ -451,7 +474,7 @@ def main(argv=None):
     objective = PretrainObjective(model, tokenizer, MALS_PROMPTS, args.beta, args.label_smoothing,
                                   config.max_tokens).to(args.device_obj)
     monitor = retrieval_monitor(args, tokenizer, args.val_dataset, "val",
-                                NORMALIZATION["cuhk" if args.val_dataset == "synthetic" else args.val_dataset])
+                                NORMALIZATION.get(args.val_dataset))
     t0 = time.time()
     train(args, objective, model, tokenizer, dataset, monitor, double_lr="cross", schedule="linear",
           warmup=args.warmup_steps)
