@@ -317,13 +317,14 @@ class AttributeObjective(torch.nn.Module):
         prompt_ids, prompt_atts = tokenizer(list(prompts), max_length=max_tokens, padding="longest")  # (P, Lp)
         self.register_buffer("prompt_ids", prompt_ids, persistent=False)
         self.register_buffer("prompt_atts", prompt_atts, persistent=False)
+        self.prompt_ids_cpu = prompt_ids  # masked on the CPU each step without waiting for the device
 
     def forward(self, batch, generator):
         from data import mask_tokens
 
         image_embeds = self.model.encode_image(batch["image"])  # (B, N, Dv)
         image_feat = self.model.image_feat(image_embeds)  # (B, D)
-        masked = [t.to(image_embeds.device) for t in mask_tokens(self.prompt_ids.cpu(), self.tokenizer, None)]
+        masked = [t.to(image_embeds.device) for t in mask_tokens(self.prompt_ids_cpu, self.tokenizer, None)]
         attr = attribute_losses(self.model, image_embeds, image_feat, batch["attr_label"], self.prompt_ids,
                                 self.prompt_atts, *masked, generator, label_smoothing=0.0)
         return losses.pa100k_objective(attr["iac"], attr["iam"], attr["mam"])

@@ -4,7 +4,7 @@ A benchmark, never a test: random images and token ids, random weights, the real
 (pretrain.PretrainObjective, finetune.FinetuneObjective, model.optimizer_groups + AdamW as in pretrain.train,
 evaluate.evaluate_retrieval).
 
-    python bench.py                                      # GPU: aptm-base, fine-tune @120 + pre-train @150, 4 modes, eval
+    python bench.py                                      # GPU: aptm-base, fine-tune @120, pre-train @150, eval
     python bench.py --modes bf16,bf16-compile --json out/bench.json
     python bench.py --no-eval --steps 20                 # training steps only
     python bench.py --smoke                              # tiny preset on a CPU, under a minute (what CI could run)
@@ -16,14 +16,16 @@ rows show how far they are from what bf16 could reach). Then the evaluation: sec
 decoding included), for ITM re-ranking, in total.
 
 Modes: fp32 (no TF32 anywhere), tf32 (TF32 matmuls and convolutions), bf16 (bf16 autocast as the training scripts
-run it), bf16-compile (the same with the objective under torch.compile). On a CPU, tf32 equals fp32.
+run it), bf16-compile (the same with every Swin block and BERT layer under torch.compile, see compiled_layers).
+On a CPU, tf32 equals fp32; bf16 is slow on CPUs without bf16 units and compilation takes minutes there.
 
-FLOP counting convention (step_flops and the *_macs helpers): multiply–accumulates of every linear layer,
-convolution and attention matmul (QKᵀ and AV) of the forward pass, FLOPs = 2 × MACs, and a training step costs
-3 × the forward (the backward computes gradients for inputs and weights: 2 × forward). Norms, softmax, GELU,
-embedding look-ups, the losses, the optimizer and the recomputation of nothing are not counted; the work is
-counted as the code does it (a cross-encoder pair projects its image's keys/values itself), not as it could be
-done. Spec §1.6: Swin-B@384×128 ≈ 15.2 GMACs, text encoder (L=56) ≈ 2.4 GMACs, cross encoder per pair ≈ 3.3 GMACs.
+FLOP counting convention (finetune_step_flops, pretrain_step_flops and the *_macs helpers): multiply–accumulates
+of every linear layer, convolution and attention matmul (QKᵀ and AV) of the forward pass, FLOPs = 2 × MACs, and a
+training step costs 3 × the forward (the backward computes gradients for inputs and weights: 2 × forward). Norms,
+softmax, GELU, embedding look-ups, the losses and the optimizer are not counted. The work is counted as the code
+does it (each cross-encoder pair projects its image's keys/values itself; MLM runs the head at all M masked
+slots, padding included), not as it could be done. Spec §1.6: Swin-B@384×128 ≈ 15.2 GMACs, text encoder (L=56)
+≈ 2.4 GMACs, cross encoder per pair ≈ 3.3 GMACs (test_bench.py checks these).
 
 Shapes: B batch, L text tokens, N image tokens, Dv/Dt vision/text widths, M masked positions, V vocabulary,
 P prompts, Q queries, G gallery images.
@@ -63,6 +65,7 @@ PEAK_BF16_TFLOPS = (
 )
 
 BERT_VOCAB_SIZE = 30522  # bert-base-uncased (spec §1.3): the MLM decoder's width, so it sets the MLM cost
+TINY_VOCAB_SIZE = 720  # the order of the synthetic world's offline vocabulary (our choice)
 CUHK_TEST = dict(queries=6156, images=3074, identities=1000)  # CUHK-PEDES test split (spec §4.5)
 SMOKE_TEST = dict(queries=48, images=24, identities=8)
 CAPTION_WORDS = (12, 40)  # words per random caption; CUHK-PEDES captions average ~23 words (our choice)
@@ -227,14 +230,13 @@ def pretrain_step_flops(config, batch_size, prompt_len, num_prompts, mam_rows, m
 # Random inputs
 
 
-def bench_tokenizer(config):
+def bench_tokenizer(vocab_size):
     """The prompts' words (so PretrainObjective tokenises them as a real vocabulary would), padded with
-    placeholder words to the model's vocabulary size (30,522 for aptm-base: the MLM decoder's real width)."""
+    placeholder words to `vocab_size` entries (30,522 for aptm-base: the MLM decoder's real width)."""
     vocab = Tokenizer.from_corpus(MALS_PROMPTS).vocab
-    if len(vocab) > config.vocab_size:
-        raise ValueError(f"the prompts need {len(vocab)} word pieces, the preset has {config.vocab_size}")
-    vocab += [f"word{i}" for i in range(config.vocab_size - len(vocab))]
-    return Tokenizer(vocab)
+    if len(vocab) > vocab_size:
+        raise ValueError(f"the prompts need {len(vocab)} word pieces, more than {vocab_size}")
+    return Tokenizer(vocab + [f"word{i}" for i in range(vocab_size - len(vocab))])
 
 
 def random_captions(tokenizer, batch_size, max_tokens, generator):
@@ -293,12 +295,17 @@ def compiled_layers(model):
     """
     holders = [stage.blocks for stage in model.vision_encoder.layers] + [model.text_encoder.bert.encoder.layer]
     originals = [list(holder) for holder in holders]
+    # Each Swin block guards on its own drop-path rate (a Python float), so SwinBlock.forward compiles once per
+    # block: 24 graphs for Swin-B, above dynamo's default limit of 8, past which the rest would run eagerly.
+    recompile_limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(recompile_limit, 2 * sum(len(h) for h in holders))
     for holder in holders:
         for i, layer in enumerate(list(holder)):
             holder[i] = torch.compile(layer)
     try:
         yield
     finally:
+        torch._dynamo.config.recompile_limit = recompile_limit
         for holder, layers in zip(holders, originals):
             for i, layer in enumerate(layers):
                 holder[i] = layer
@@ -345,48 +352,58 @@ def bench_training(objective_name, model, tokenizer, args, device, peak_tflops):
     model.train()
     results = {}
     for mode in args.modes:
-        ctx = set_precision(mode, device)
-        compiled = compiled_layers(model) if mode.endswith("compile") else nullcontext()
-        compiled.__enter__()
+        # built before any compiled layer is swapped in, so the parameter names (and groups) are the model's own
         optimizer = torch.optim.AdamW(optimizer_groups(model, 0.01, 1e-4, 2.0, double_lr), lr=1e-4,
                                       betas=(0.9, 0.98), eps=1e-8, **{args.adam: device.type == "cuda"})
-        generator = torch.Generator(device).manual_seed(args.seed)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-
-        def step():
-            # ---------------- TRAINING STEP (pretrain.train's update path; no per-step host sync) --------------
-            with ctx:
-                terms = objective(batch, generator)
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()  # bf16 needs no GradScaler (pretrain.autocast_setup disables it)
-            optimizer.step()
-            return terms
-
-        t0 = time.perf_counter()
-        for _ in range(args.warmup):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        warmup_s = time.perf_counter() - t0
-        with Timer(device) as timer:
-            for _ in range(args.steps):
-                terms = step()
-        total = float(terms["total"].detach())
-        if not math.isfinite(total):
-            raise RuntimeError(f"{objective_name} {mode}: non-finite loss {total}")
-        seconds = timer.seconds / args.steps
-        results[mode] = dict(
-            batch_size=batch_size, ms_per_step=1000 * seconds, pairs_per_s=batch_size / seconds,
-            peak_memory_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-            tflops_per_step=flops / 1e12, achieved_tflops=flops / seconds / 1e12,
-            mfu=flops / seconds / (peak_tflops * 1e12) if peak_tflops else None,
-            warmup_s=warmup_s, loss=total)
-        compiled.__exit__(None, None, None)
-        del optimizer
-        model.zero_grad(set_to_none=True)
+        try:
+            with compiled_layers(model) if mode.endswith("compile") else nullcontext():
+                row = time_steps(objective, batch, optimizer, set_precision(mode, device), args, device)
+        except torch.OutOfMemoryError:  # e.g. fp32 at the paper's batch: report it, go on with the next mode
+            row = dict(error="out of memory")
+        finally:
+            del optimizer
+            model.zero_grad(set_to_none=True)
+        if "error" in row:
+            print(f"{objective_name} {mode}: {row['error']}")
+        else:
+            seconds = row["ms_per_step"] / 1000
+            row.update(pairs_per_s=batch_size / seconds, tflops_per_step=flops / 1e12,
+                       achieved_tflops=flops / seconds / 1e12,
+                       mfu=flops / seconds / (peak_tflops * 1e12) if peak_tflops else None)
+            if not math.isfinite(row["loss"]):
+                raise RuntimeError(f"{objective_name} {mode}: non-finite loss {row['loss']}")
+        results[mode] = dict(batch_size=batch_size, **row)
     return results
+
+
+def time_steps(objective, batch, optimizer, ctx, args, device):
+    """--warmup untimed then --steps timed training steps: ms_per_step, peak_memory_gb, warmup_s, loss."""
+    generator = torch.Generator(device).manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step():
+        # ---------------- TRAINING STEP (pretrain.train's update path, without its per-step isfinite sync) -----
+        with ctx:
+            terms = objective(batch, generator)
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()  # bf16 needs no GradScaler (pretrain.autocast_setup disables it)
+        optimizer.step()
+        return terms
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    warmup_s = time.perf_counter() - t0
+    with Timer(device) as timer:
+        for _ in range(args.steps):
+            terms = step()
+    return dict(ms_per_step=1000 * timer.seconds / args.steps,
+                peak_memory_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+                warmup_s=warmup_s, loss=float(terms["total"].detach()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -451,9 +468,10 @@ def print_table(training, evaluation, device_name, peak_tflops):
     print(f"device: {device_name}; MFU against a dense bf16 peak of "
           f"{fmt(peak_tflops, '.0f') + ' TFLOP/s' if peak_tflops else 'n/a (unknown device)'}")
     header = ("objective", "mode", "batch", "ms/step", "pairs/s", "peak GB", "TFLOP/step", "TFLOP/s", "MFU")
-    rows = [(name, mode, r["batch_size"], fmt(r["ms_per_step"], ".1f"), fmt(r["pairs_per_s"], ".1f"),
+    rows = [(name, mode, r["batch_size"], r["error"], "", "", "", "", "") if "error" in r else
+            (name, mode, r["batch_size"], fmt(r["ms_per_step"], ".1f"), fmt(r["pairs_per_s"], ".1f"),
              fmt(r["peak_memory_gb"], ".2f"), fmt(r["tflops_per_step"], ".3g"), fmt(r["achieved_tflops"], ".3g"),
-             fmt(None if r["mfu"] is None else 100 * r["mfu"], ".1f") + ("%" if r["mfu"] is not None else ""))
+             "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%")
             for name, modes in training.items() for mode, r in modes.items()]
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
     for row in (header, *rows):
@@ -470,9 +488,7 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     config = CONFIGS[args.preset]
-    tokenizer = bench_tokenizer(config) if args.preset == "aptm-base" else None
-    if tokenizer is None:  # tiny: a small vocabulary, as the offline tokenizer of the synthetic world
-        tokenizer = Tokenizer(Tokenizer.from_corpus(MALS_PROMPTS).vocab + [f"word{i}" for i in range(500)])
+    tokenizer = bench_tokenizer(BERT_VOCAB_SIZE if args.preset == "aptm-base" else TINY_VOCAB_SIZE)
     config = replace(config, vocab_size=tokenizer.vocab_size)
     model = APTM(config).to(device)
     device_name, peak_tflops = device_peak(device)

@@ -53,6 +53,20 @@ def fail(message):
     raise SystemExit(2)
 
 
+def read_checkpoint(path):
+    """torch.load a checkpoint (ours or an official release) onto the CPU, failing clearly on a missing or
+    unreadable file. A checkpoint is a pickle: load only files you trust (ours hold RNG states, not only tensors)."""
+    if not os.path.isfile(path):
+        fail(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a truncated or foreign file: name it, no traceback
+        fail(f"{path}: cannot be read as a torch checkpoint ({error.__class__.__name__}: {error})")
+    if not isinstance(checkpoint, dict):
+        fail(f"{path}: not a checkpoint dict")
+    return checkpoint
+
+
 def check_images(paths, source=""):
     """Fail unless every image file exists (os.path.exists only: fast enough for 1.5M MALS images)."""
     missing = [i for i, path in enumerate(paths) if not os.path.exists(path)]

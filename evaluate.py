@@ -378,12 +378,7 @@ def parse_args(argv=None):
 def load_model_and_tokenizer(ckpt_path, bert_dir, device):
     """Rebuild the model and its tokenizer from a checkpoint alone (DESIGN.md §3); official checkpoints
     carry no tokenizer, so theirs comes from --bert."""
-    try:  # a checkpoint is a pickle: load only files you trust (ours hold RNG states, not only tensors)
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as error:  # a truncated or foreign file: say which one, not a traceback
-        data.fail(f"{ckpt_path}: cannot be read as a torch checkpoint ({error.__class__.__name__}: {error})")
-    if not isinstance(ckpt, dict):
-        data.fail(f"{ckpt_path} is not a checkpoint dict")
+    ckpt = data.read_checkpoint(ckpt_path)
     if ckpt.get("tokenizer") is not None:
         tokenizer = data.Tokenizer.from_state(ckpt["tokenizer"])
     elif bert_dir is not None:
@@ -392,6 +387,9 @@ def load_model_and_tokenizer(ckpt_path, bert_dir, device):
         data.fail(f"{ckpt_path} has no tokenizer (an official APTM checkpoint?): pass --bert DIR, a "
                   "bert-base-uncased folder with vocab.txt")
     model = build_from_checkpoint(ckpt).to(device).eval()
+    if tokenizer.vocab_size != model.config.vocab_size:
+        data.fail(f"{ckpt_path}: the model has {model.config.vocab_size} word embeddings but the vocabulary has "
+                  f"{tokenizer.vocab_size} entries")
     return model, tokenizer
 
 

@@ -20,17 +20,17 @@ from dataclasses import asdict
 
 import torch
 
-from data import NORMALIZATION, FinetuneDataset, Tokenizer, check_images, fail, load_retrieval, synthetic_world, \
-    train_transform
-from evaluate import evaluate_retrieval
+from data import (NORMALIZATION, FinetuneDataset, Tokenizer, check_images, fail, load_retrieval, read_checkpoint,
+                  synthetic_world, train_transform)
+from evaluate import evaluate_retrieval, load_model_and_tokenizer
 from losses import finetune_objective, mlm_loss
-from model import APTM, CONFIGS, build_from_checkpoint, load_bert, load_state
-from pretrain import (DEFAULT_WORKERS, autocast_setup, cleanup_distributed, fill_preset_defaults, init_run, load_checkpoint,
-                      retrieval_losses, retrieval_monitor, train)
+from model import APTM, CONFIGS, load_bert
+from pretrain import (DEFAULT_WORKERS, cleanup_distributed, fill_preset_defaults, init_run, retrieval_losses,
+                      retrieval_monitor, train)
 
 PRESET_DEFAULTS = {
-    "tiny": dict(epochs=10, batch_size=48, eval_batch_size=128),
-    "aptm-base": dict(epochs=30, batch_size=120, eval_batch_size=150),
+    "tiny": dict(epochs=10, batch_size=48, lr=1e-3, k_rerank=32, eval_batch_size=128),
+    "aptm-base": dict(epochs=30, batch_size=120, lr=1e-4, k_rerank=128, eval_batch_size=150),
 }
 
 
@@ -44,31 +44,30 @@ def get_args(argv=None):
     # model
     parser.add_argument("--init", help="checkpoint to start from: ours, or a released APTM checkpoint")
     parser.add_argument("--preset", default="tiny", choices=sorted(CONFIGS),
-                        help="model size when starting without --init")
+                        help="run lengths and, without --init, the model size (with --init the model is the "
+                        "checkpoint's)")
     parser.add_argument("--bert", help="bert-base-uncased folder (vocabulary; weights when there is no --init)")
     # optimisation (spec §5)
     parser.add_argument("--epochs", type=int, help="paper 30; tiny 10")
     parser.add_argument("--batch-size", type=int, help="per process; paper 120 on each of 4 GPUs; tiny 48")
-    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW lr (spec §5.1)")
+    parser.add_argument("--lr", type=float, help="AdamW lr; paper 1e-4 (spec §5.1); tiny 1e-3")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="spec §5.1")
     parser.add_argument("--warmup", type=float, default=0.1, help="warm-up, fraction of all steps (spec §5.2)")
     parser.add_argument("--eda-weight", type=float, default=0.8, help="weight of the EDA copy in E10/E11")
     parser.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm; 0 = none (official: none)")
     # evaluation (spec §6)
-    parser.add_argument("--k-rerank", type=int, default=128, help="ITM re-ranks the top k of ITC (k_test)")
+    parser.add_argument("--k-rerank", type=int, help="ITM re-ranks ITC's top k (k_test); paper 128, tiny 32")
     # system
     parser.add_argument("--out-dir", default="out/finetune")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                        help="data-loader processes (decode, augment, EDA, mask); 0 on a CPU, where workers would fight the model for the cores")
+                        help="data-loader processes (decode, augment, EDA, mask); 0 on a CPU (see pretrain.py)")
     parser.add_argument("--seed", type=int, default=42, help="official: 42 + rank")
     parser.add_argument("--log-every", type=int, default=20, help="steps between log lines")
     parser.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
     parser.add_argument("--resume", help="checkpoint to continue from, with its saved settings")
     args = parser.parse_args(argv)
-    if args.init and args.preset != "tiny":
-        parser.error("--preset is read from the --init checkpoint; give one or the other")
     if not 0 <= args.warmup < 1:
         parser.error("--warmup is a fraction in [0, 1)")
     return fill_preset_defaults(args, parser, PRESET_DEFAULTS)
@@ -98,24 +97,11 @@ class FinetuneObjective(torch.nn.Module):
 
 
 def initial_model(args, corpus):
-    """(model, tokenizer): from --resume, from --init (ours or official), or fresh from --preset (+ --bert)."""
-    source = args.resume_checkpoint
-    if source is None and args.init:
-        source = load_checkpoint(args.init)
-    if source is not None:
-        model = build_from_checkpoint(source)
-        load_state(model, source)
-        if source.get("tokenizer") is not None:
-            tokenizer = Tokenizer.from_state(source["tokenizer"])
-        elif args.bert:
-            tokenizer = Tokenizer.from_bert_dir(args.bert)
-        else:
-            fail(f"{args.init}: an official APTM checkpoint carries no vocabulary; add --bert DIR "
-                 "(a bert-base-uncased folder)")
-        if tokenizer.vocab_size != model.config.vocab_size:
-            fail(f"{args.init}: its model has {model.config.vocab_size} word embeddings but the vocabulary has "
-                 f"{tokenizer.vocab_size} entries")
-        return model, tokenizer
+    """(model, tokenizer): from --resume or --init (ours or an official release, whose vocabulary comes from
+    --bert), or fresh from --preset (+ --bert)."""
+    source = args.resume or args.init
+    if source:
+        return load_model_and_tokenizer(source, args.bert, torch.device("cpu"))
     tokenizer = Tokenizer.from_bert_dir(args.bert) if args.bert else Tokenizer.from_corpus(corpus)
     config = CONFIGS[args.preset]
     model = APTM(type(config)(**{**asdict(config), "vocab_size": tokenizer.vocab_size}))
@@ -152,7 +138,7 @@ def main(argv=None):
         best = os.path.join(args.out_dir, "best.pt")
         # No best.pt without a validation split, or when --max-steps ended the run before an epoch did.
         chosen = best if has_val and os.path.isfile(best) else os.path.join(args.out_dir, "ckpt.pt")
-        model.load_state_dict(load_checkpoint(chosen)["model"])
+        model.load_state_dict(read_checkpoint(chosen)["model"])
         testset = load_retrieval(args.dataset, data_root, "test")
         test = evaluate_retrieval(model, tokenizer, testset, args.device_obj, k_rerank=args.k_rerank,
                                   normalization=normalization, batch_size=args.eval_batch_size)

@@ -70,12 +70,16 @@ CONFIGS = {
     # the paper: Swin-B at 384x128 + BERT-base split 6/6 (spec §0, §1)
     "aptm-base": APTMConfig(),
     # our CPU default (not the paper): toy widths, Swin stage grids 24x8 (window 4, shifted), 12x4, 6x2;
-    # no hidden/attention dropout because its random masks cost ~20% of a CPU step (drop-path kept)
+    # no hidden/attention dropout because its random masks cost ~20% of a CPU step (drop-path kept).
+    # Trained from scratch, it needs two departures to escape ITC's collapse (all features equal, loss ln B):
+    # init_std 0.125 ≈ 1/sqrt(64) instead of BERT's 0.02 (tuned for width 768 and pre-trained weights), so
+    # that [CLS] depends on the words at initialisation, and τ starting at 0.5 instead of 0.07 (measured: with
+    # 0.02 / 0.07 every caption gets the same [CLS] and ITC stays at ln B).
     "tiny": APTMConfig(
         image_size=(96, 32), swin_dim=32, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=4,
         hidden_size=64, num_text_layers=2, num_cross_layers=2, num_attention_heads=2,
         intermediate_size=256, max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0,
-        embed_dim=64, max_tokens=40,
+        embed_dim=64, max_tokens=40, init_std=0.125, temp=0.5,
     ),
 }
 

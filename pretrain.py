@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from attributes import MALS_PROMPTS, attribute_losses
 from data import (NORMALIZATION, PretrainDataset, Tokenizer, check_images, fail, load_retrieval, mask_tokens,
-                  read_mals, synthetic_world, train_transform)
+                  read_checkpoint, read_mals, synthetic_world, train_transform)
 from evaluate import evaluate_retrieval
 from losses import itc_loss, itm_loss, mlm_loss, pretrain_objective, sample_hard_negatives
 from model import APTM, CONFIGS, load_bert, load_swin, optimizer_groups
@@ -42,8 +42,8 @@ DEFAULT_WORKERS = 6 if torch.cuda.is_available() else 0
 # Run lengths that differ between the CPU default and the paper (spec §5.4); None on the command line means "take
 # the preset's value".
 PRESET_DEFAULTS = {
-    "tiny": dict(epochs=6, batch_size=48, warmup_steps=50, eval_batch_size=128),
-    "aptm-base": dict(epochs=32, batch_size=150, warmup_steps=2600, eval_batch_size=150),
+    "tiny": dict(epochs=6, batch_size=48, warmup_steps=50, lr=1e-3, k_rerank=32, eval_batch_size=128),
+    "aptm-base": dict(epochs=32, batch_size=150, warmup_steps=2600, lr=1e-4, k_rerank=128, eval_batch_size=150),
 }
 
 
@@ -64,11 +64,12 @@ def get_args(argv=None):
     # optimisation (spec §5)
     parser.add_argument("--epochs", type=int, help="paper 32; tiny 6")
     parser.add_argument("--batch-size", type=int, help="per process; paper 150 on each of 4 GPUs; tiny 48")
-    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW lr (spec §5.1)")
+    parser.add_argument("--lr", type=float, help="AdamW lr; paper 1e-4 (spec §5.1); tiny (from scratch) 1e-3")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="spec §5.1")
     parser.add_argument("--warmup-steps", type=int, help="linear warm-up; paper 2600 (spec §5.2)")
     parser.add_argument("--beta", type=float, default=0.8, help="weight of the attribute stream, E9 (config key 't')")
     parser.add_argument("--label-smoothing", type=float, default=0.4, help="ε of E7 on IAC and IAM (spec §2.8)")
+    parser.add_argument("--k-rerank", type=int, help="validation: ITM re-ranks ITC's top k; paper 128, tiny 32")
     parser.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm; 0 = none (official: none)")
     # system
     parser.add_argument("--out-dir", default="out/pretrain")
@@ -76,7 +77,7 @@ def get_args(argv=None):
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bf16 autocast where the GPU supports it, else fp16 + GradScaler; fp32 on CPU")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                        help="data-loader processes (decode, augment, mask); 0 on a CPU, where workers would fight the model for the cores")
+                        help="data-loader processes (decode, augment, mask); 0 on a CPU (see DEFAULT_WORKERS)")
     parser.add_argument("--seed", type=int, default=42, help="official: 42 + rank")
     parser.add_argument("--log-every", type=int, default=20, help="steps between log lines")
     parser.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests); the schedule keeps "
@@ -218,15 +219,6 @@ def save_checkpoint(path, checkpoint):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        fail(f"{path}: no such checkpoint")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # a truncated or foreign file: say which one, not a traceback
-        fail(f"{path}: cannot be read as a torch checkpoint ({error.__class__.__name__}: {error})")
-
-
 def train(args, objective, model, tokenizer, dataset, evaluate_epoch, double_lr, schedule, warmup):
     """The training loop shared by pre-training and fine-tuning.
 
@@ -342,7 +334,7 @@ def init_run(args):
     args.rank, args.world_size, args.device_obj = setup_distributed(args.device)
     args.resume_checkpoint = None
     if args.resume:
-        checkpoint = load_checkpoint(args.resume)
+        checkpoint = read_checkpoint(args.resume)
         saved = dict(checkpoint["args"])
         for key in ("max_steps", "resume", "rank", "world_size"):
             saved.pop(key, None)
@@ -391,6 +383,7 @@ class PretrainObjective(torch.nn.Module):
         prompt_ids, prompt_atts = tokenizer(prompts, max_length=max_tokens, padding="longest")  # (P, Lp)
         self.register_buffer("prompt_ids", prompt_ids, persistent=False)
         self.register_buffer("prompt_atts", prompt_atts, persistent=False)
+        self.prompt_ids_cpu = prompt_ids  # masked on the CPU each step without waiting for the device
 
     def forward(self, batch, generator):
         model = self.model
@@ -404,7 +397,7 @@ class PretrainObjective(torch.nn.Module):
         loss_mlm = mlm_loss(mlm_logits, batch["masked_labels"])
         # The attribute-prompt stream (E4-E6); prompt masks are drawn afresh each step (spec §2.7).
         # (They use the global CPU generator, whose state the checkpoint keeps.)
-        masked_ids, masked_pos, masked_labels = mask_tokens(self.prompt_ids.cpu(), self.tokenizer, None)
+        masked_ids, masked_pos, masked_labels = mask_tokens(self.prompt_ids_cpu, self.tokenizer, None)
         device = image_embeds.device
         attr = attribute_losses(model, image_embeds, image_feat, batch["attr_label"], self.prompt_ids,
                                 self.prompt_atts, masked_ids.to(device), masked_pos.to(device),
@@ -457,7 +450,6 @@ def retrieval_monitor(args, tokenizer, dataset, split, normalization):
 
 def main(argv=None):
     args = init_run(get_args(argv))
-    args.k_rerank = getattr(args, "k_rerank", 128)
     if args.ann:
         entries = read_mals(args.ann, args.image_root or ".")
     else:
