@@ -20,9 +20,14 @@ V vocabulary, R prompts kept by MAM.
 
 This file is the only place the prompt tables exist.
 """
+import argparse
+import json
+
 import torch
 
 import losses
+from data import (NORMALIZATION, AttributeDataset, ImageDataset, fail, load_image, mask_tokens, read_attributes,
+                  synthetic_world, test_transform, train_transform)
 
 # ---------------------------------------------------------------------------------------------------
 # Prompt tables (verbatim from the official code, spec §3.1 [trains.py: train_attr] and
@@ -267,9 +272,9 @@ def attribute_metrics(pred, gt):
 # Attribute-recognition task (`python attributes.py`): the lead adds main() below this line.
 # ---------------------------------------------------------------------------------------------------
 
-# The task part below runs the model on data; it borrows the scripts' plumbing (checkpoint loading from
-# evaluate.py, the training loop from pretrain.py) through imports inside the functions, so that the library
-# part above never imports a script.
+# The task part below runs the model on data; it borrows the scripts' plumbing (checkpoint loading and autocast
+# from evaluate.py, the training loop from pretrain.py) through imports inside the functions that need it, so that
+# importing this file never imports a script.
 
 ATTRIBUTE_DATASETS = {"synthetic": ("mals", "cuhk"), "pa100k": ("pa100k", "pa100k")}  # → (prompt table, norm)
 PROMPT_MAX_TOKENS = {"mals": 56, "pa100k": 15}  # max_tokens of the prompt batch (spec §3.2, configs/*.yaml)
@@ -286,7 +291,6 @@ def encode_prompts(model, tokenizer, prompts, max_tokens):
 @torch.no_grad()
 def evaluate_attributes(model, tokenizer, entries, table, normalization, batch_size=128, workers=2):
     """Predict every image's attributes (spec §3.3) and score them (spec §3.4) → (metrics, per-attribute mA)."""
-    from data import ImageDataset, test_transform
     from evaluate import autocast_for
 
     device = next(model.parameters()).device
@@ -320,8 +324,6 @@ class AttributeObjective(torch.nn.Module):
         self.prompt_ids_cpu = prompt_ids  # masked on the CPU each step without waiting for the device
 
     def forward(self, batch, generator):
-        from data import mask_tokens
-
         image_embeds = self.model.encode_image(batch["image"])  # (B, N, Dv)
         image_feat = self.model.image_feat(image_embeds)  # (B, D)
         masked = [t.to(image_embeds.device) for t in mask_tokens(self.prompt_ids_cpu, self.tokenizer, None)]
@@ -338,8 +340,6 @@ def print_table(metrics, per_attribute, names):
 
 
 def get_args(argv=None):
-    import argparse
-
     parser = argparse.ArgumentParser(description="Attribute recognition with APTM's prompts (spec §3).")
     parser.add_argument("--ckpt", required=True, help="checkpoint of ours, or an official APTM .pth (with --bert)")
     parser.add_argument("--bert", help="bert-base-uncased folder: the vocabulary of an official checkpoint")
@@ -373,8 +373,7 @@ def get_args(argv=None):
 
 
 def main(argv=None):
-    from data import NORMALIZATION, fail, load_image, test_transform
-    from evaluate import load_model_and_tokenizer
+    from evaluate import autocast_for, load_model_and_tokenizer
 
     args = get_args(argv)
     device = torch.device(args.device)
@@ -383,7 +382,6 @@ def main(argv=None):
     normalization = NORMALIZATION[norm]
     names = ATTRIBUTE_TABLES[table]
     if args.image:
-        from evaluate import autocast_for
         image = test_transform(model.config.image_size, normalization)(load_image(args.image))[None].to(device)
         model.eval()
         with torch.no_grad(), autocast_for(device):
@@ -403,7 +401,6 @@ def main(argv=None):
                                                  args.batch_size or 128, args.workers)
     print_table(metrics, per_attribute, names)
     if args.json:
-        import json
         with open(args.json, "w") as f:
             json.dump(dict(metrics=metrics, per_attribute=dict(zip(names, per_attribute))), f, indent=1)
     return metrics
@@ -411,8 +408,6 @@ def main(argv=None):
 
 def attribute_split(args, split):
     """(image_path, labels) of a split: the synthetic world's attr_{split}.json, or PA-100K under --data-root."""
-    from data import read_attributes, synthetic_world
-
     if args.dataset == "synthetic":
         return read_attributes(synthetic_world(args.data_root or "data/synthetic")[f"attr_{split}"])
     return read_attributes(args.data_root, split=split)
@@ -421,7 +416,6 @@ def attribute_split(args, split):
 def train_attributes(args, model, tokenizer, entries, table, norm):
     """Fine-tune with E13 on the train split (PA-100K recipe: step schedule, 2x lr set of fine-tuning, spec §5);
     the last epoch is kept (the official code picks the best epoch on test, spec §3.2)."""
-    from data import NORMALIZATION, AttributeDataset, train_transform
     from pretrain import init_run, train
 
     args.batch_size = args.batch_size or (200 if model.config.image_size[0] >= 384 else 48)

@@ -1896,6 +1896,11 @@ def test_finetune_and_evaluate_from_pretrained(world, tmp_path, capsys):
     assert (tmp_path / "ft" / "best.pt").exists()
     metrics = attributes.main(["--ckpt", init, "--data-root", world])
     assert set(metrics) == {"mA", "Acc", "Prec", "Rec", "F1"}
+    tuned = attributes.main(["--ckpt", init, "--data-root", world, "--train", "--max-steps", "2", "--batch-size", "8",
+                             "--out-dir", str(tmp_path / "attr")])  # E13 fine-tuning, then the test split
+    assert set(tuned) == set(metrics) and (tmp_path / "attr" / "ckpt.pt").exists()
+    image = data.read_attributes(data.synthetic_world(world)["attr_test"])[0][0]
+    assert attributes.main(["--ckpt", init, "--image", image]).shape == (27,)
 
 
 def test_finetune_from_random_init_and_bad_init(world, tmp_path, capsys):
