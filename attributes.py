@@ -312,23 +312,36 @@ def evaluate_attributes(model, tokenizer, entries, table, normalization, batch_s
     return attribute_metrics(pred, gt), per_attribute
 
 
+class PromptStream(torch.nn.Module):
+    """The attribute-prompt stream (E4–E6): a table's prompts, tokenised once and padded to the longest (spec §3.1),
+    re-masked every step (spec §2.7) with the global CPU generator, whose state checkpoints keep."""
+
+    def __init__(self, tokenizer, prompts, max_tokens, label_smoothing):
+        super().__init__()
+        self.tokenizer, self.label_smoothing = tokenizer, label_smoothing
+        prompt_ids, prompt_atts = tokenizer(list(prompts), max_length=max_tokens, padding="longest")  # (P, Lp)
+        self.register_buffer("prompt_ids", prompt_ids, persistent=False)
+        self.register_buffer("prompt_atts", prompt_atts, persistent=False)
+        self.prompt_ids_cpu = prompt_ids  # masked on the CPU without waiting for the device
+
+    def forward(self, model, image_embeds, image_feat, attr_labels, generator):
+        """-> dict(iac, iam, mam) for a batch of images (B, N, Dv), their ITC features (B, D) and labels (B, K)."""
+        masked = [t.to(image_embeds.device) for t in mask_tokens(self.prompt_ids_cpu, self.tokenizer, None)]
+        return attribute_losses(model, image_embeds, image_feat, attr_labels, self.prompt_ids, self.prompt_atts,
+                                *masked, generator, self.label_smoothing)
+
+
 class AttributeObjective(torch.nn.Module):
     """E13 on one batch: L = L_iac + L_iam + L_mam, no smoothing (PA-100K fine-tuning, spec §2.9)."""
 
     def __init__(self, model, tokenizer, prompts, max_tokens):
         super().__init__()
-        self.model, self.tokenizer = model, tokenizer
-        prompt_ids, prompt_atts = tokenizer(list(prompts), max_length=max_tokens, padding="longest")  # (P, Lp)
-        self.register_buffer("prompt_ids", prompt_ids, persistent=False)
-        self.register_buffer("prompt_atts", prompt_atts, persistent=False)
-        self.prompt_ids_cpu = prompt_ids  # masked on the CPU each step without waiting for the device
+        self.model, self.prompts = model, PromptStream(tokenizer, prompts, max_tokens, label_smoothing=0.0)
 
     def forward(self, batch, generator):
         image_embeds = self.model.encode_image(batch["image"])  # (B, N, Dv)
         image_feat = self.model.image_feat(image_embeds)  # (B, D)
-        masked = [t.to(image_embeds.device) for t in mask_tokens(self.prompt_ids_cpu, self.tokenizer, None)]
-        attr = attribute_losses(self.model, image_embeds, image_feat, batch["attr_label"], self.prompt_ids,
-                                self.prompt_atts, *masked, generator, label_smoothing=0.0)
+        attr = self.prompts(self.model, image_embeds, image_feat, batch["attr_label"], generator)
         return losses.pa100k_objective(attr["iac"], attr["iam"], attr["mam"])
 
 

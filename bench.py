@@ -347,7 +347,7 @@ def bench_training(objective_name, model, tokenizer, args, device, peak_tflops):
                                       max_tokens=config.max_tokens).to(device)
         double_lr = "cross"
         mam_rows = int((prompt_targets(batch["attr_label"]) == 1).any(dim=0).sum())  # prompts MAM keeps (R)
-        flops = pretrain_step_flops(config, batch_size, objective.prompt_ids.shape[1], len(MALS_PROMPTS),
+        flops = pretrain_step_flops(config, batch_size, objective.prompts.prompt_ids.shape[1], len(MALS_PROMPTS),
                                     mam_rows, masked=batch["masked_pos"].shape[1])
     model.train()
     results = {}

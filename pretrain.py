@@ -27,9 +27,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from attributes import MALS_PROMPTS, attribute_losses
-from data import (NORMALIZATION, PretrainDataset, Tokenizer, check_images, fail, load_retrieval, mask_tokens,
-                  read_checkpoint, read_mals, synthetic_world, train_transform)
+from attributes import MALS_PROMPTS, PromptStream
+from data import (NORMALIZATION, PretrainDataset, Tokenizer, check_images, fail, load_retrieval, read_checkpoint,
+                  read_mals, synthetic_world, train_transform)
 from evaluate import evaluate_retrieval
 from losses import itc_loss, itm_loss, mlm_loss, pretrain_objective, sample_hard_negatives
 from model import APTM, CONFIGS, load_bert, load_swin, optimizer_groups
@@ -378,12 +378,8 @@ class PretrainObjective(torch.nn.Module):
 
     def __init__(self, model, tokenizer, prompts, beta, label_smoothing, max_tokens):
         super().__init__()
-        self.model, self.tokenizer, self.beta, self.label_smoothing = model, tokenizer, beta, label_smoothing
-        # The prompts are tokenised once, padded to the longest (spec §3.1); they are re-masked every step.
-        prompt_ids, prompt_atts = tokenizer(prompts, max_length=max_tokens, padding="longest")  # (P, Lp)
-        self.register_buffer("prompt_ids", prompt_ids, persistent=False)
-        self.register_buffer("prompt_atts", prompt_atts, persistent=False)
-        self.prompt_ids_cpu = prompt_ids  # masked on the CPU each step without waiting for the device
+        self.model, self.beta = model, beta
+        self.prompts = PromptStream(tokenizer, prompts, max_tokens, label_smoothing)
 
     def forward(self, batch, generator):
         model = self.model
@@ -395,13 +391,8 @@ class PretrainObjective(torch.nn.Module):
         mlm_logits = model.mlm_logits(batch["masked_ids"], batch["attention_mask"], image_embeds,
                                       batch["masked_pos"])                            # (B, M, V)
         loss_mlm = mlm_loss(mlm_logits, batch["masked_labels"])
-        # The attribute-prompt stream (E4-E6); prompt masks are drawn afresh each step (spec §2.7).
-        # (They use the global CPU generator, whose state the checkpoint keeps.)
-        masked_ids, masked_pos, masked_labels = mask_tokens(self.prompt_ids_cpu, self.tokenizer, None)
-        device = image_embeds.device
-        attr = attribute_losses(model, image_embeds, image_feat, batch["attr_label"], self.prompt_ids,
-                                self.prompt_atts, masked_ids.to(device), masked_pos.to(device),
-                                masked_labels.to(device), generator, self.label_smoothing)
+        # The attribute-prompt stream: IAC, IAM, MAM (E4-E6) over the MALS prompts.
+        attr = self.prompts(model, image_embeds, image_feat, batch["attr_label"], generator)
         return pretrain_objective(loss_itc, loss_itm, loss_mlm, attr["iac"], attr["iam"], attr["mam"], self.beta)
 
 
