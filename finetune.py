@@ -29,8 +29,8 @@ from pretrain import (DEFAULT_WORKERS, cleanup_distributed, fill_preset_defaults
                       retrieval_monitor, train)
 
 PRESET_DEFAULTS = {
-    "tiny": dict(epochs=10, batch_size=48, lr=1e-3, k_rerank=32, eval_batch_size=128),
-    "aptm-base": dict(epochs=30, batch_size=120, lr=1e-4, k_rerank=128, eval_batch_size=150),
+    "tiny": dict(epochs=10, batch_size=48, lr=1e-3, erasing_p=0.0, k_rerank=32, eval_batch_size=128),
+    "aptm-base": dict(epochs=30, batch_size=120, lr=1e-4, erasing_p=0.6, k_rerank=128, eval_batch_size=150),
 }
 
 
@@ -55,6 +55,7 @@ def get_args(argv=None):
     parser.add_argument("--warmup", type=float, default=0.1, help="warm-up, fraction of all steps (spec §5.2)")
     parser.add_argument("--eda-weight", type=float, default=0.8, help="weight of the EDA copy in E10/E11")
     parser.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm; 0 = none (official: none)")
+    parser.add_argument("--erasing-p", type=float, help="random-erasing probability; paper 0.6 (spec §4.6); tiny 0")
     # evaluation (spec §6)
     parser.add_argument("--k-rerank", type=int, help="ITM re-ranks ITC's top k (k_test); paper 128, tiny 32")
     # system
@@ -125,7 +126,7 @@ def main(argv=None):
     model = model.to(args.device_obj)
     config = model.config
     normalization = NORMALIZATION["cuhk" if args.dataset == "synthetic" else args.dataset]
-    dataset = FinetuneDataset(entries, train_transform(config.image_size, normalization), tokenizer,
+    dataset = FinetuneDataset(entries, train_transform(config.image_size, normalization, args.erasing_p), tokenizer,
                               config.max_tokens, seed=args.seed, clean_eda=args.dataset in ("icfg", "rstp"))
     # Model selection on the validation split; ICFG-PEDES has none, so its last epoch is kept.
     has_val = args.dataset != "icfg"

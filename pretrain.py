@@ -42,8 +42,9 @@ DEFAULT_WORKERS = 6 if torch.cuda.is_available() else 0
 # Run lengths that differ between the CPU default and the paper (spec §5.4); None on the command line means "take
 # the preset's value".
 PRESET_DEFAULTS = {
-    "tiny": dict(epochs=6, batch_size=48, warmup_steps=50, lr=1e-3, k_rerank=32, eval_batch_size=128),
-    "aptm-base": dict(epochs=32, batch_size=150, warmup_steps=2600, lr=1e-4, k_rerank=128, eval_batch_size=150),
+    "tiny": dict(epochs=6, batch_size=48, warmup_steps=50, lr=1e-3, erasing_p=0.0, k_rerank=32, eval_batch_size=128),
+    "aptm-base": dict(epochs=32, batch_size=150, warmup_steps=2600, lr=1e-4, erasing_p=0.6, k_rerank=128,
+                      eval_batch_size=150),
 }
 
 
@@ -71,6 +72,8 @@ def get_args(argv=None):
     parser.add_argument("--label-smoothing", type=float, default=0.4, help="ε of E7 on IAC and IAM (spec §2.8)")
     parser.add_argument("--k-rerank", type=int, help="validation: ITM re-ranks ITC's top k; paper 128, tiny 32")
     parser.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm; 0 = none (official: none)")
+    parser.add_argument("--erasing-p", type=float, help="random-erasing probability; paper 0.6 (spec §4.6); tiny 0, "
+                        "whose 96x32 images lose the clothes it must learn")
     # system
     parser.add_argument("--out-dir", default="out/pretrain")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -452,8 +455,8 @@ def main(argv=None):
     tokenizer = build_tokenizer(args, [e["caption"] for e in entries] + list(MALS_PROMPTS))
     model = build_model(args, tokenizer)
     config = model.config
-    dataset = PretrainDataset(entries, train_transform(config.image_size, NORMALIZATION["mals"]), tokenizer,
-                              config.max_tokens, seed=args.seed)
+    transform = train_transform(config.image_size, NORMALIZATION["mals"], args.erasing_p)
+    dataset = PretrainDataset(entries, transform, tokenizer, config.max_tokens, seed=args.seed)
     objective = PretrainObjective(model, tokenizer, MALS_PROMPTS, args.beta, args.label_smoothing,
                                   config.max_tokens).to(args.device_obj)
     monitor = retrieval_monitor(args, tokenizer, args.val_dataset, "val",
