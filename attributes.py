@@ -438,7 +438,7 @@ def train_attributes(args, model, tokenizer, entries, table, norm):
     init_run(args)
     dataset = AttributeDataset(entries, train_transform(model.config.image_size, NORMALIZATION[norm]), args.seed)
     objective = AttributeObjective(model, tokenizer, PROMPT_TABLES[table], PROMPT_MAX_TOKENS[table])
-    train(args, objective.to(args.device_obj), model, tokenizer, dataset, lambda model, epoch: ({}, False),
+    train(args, objective.to(args.device_obj), model, tokenizer, dataset, lambda model, epoch: {},
           double_lr="finetune", schedule="step", warmup=args.warmup)
     return model
 

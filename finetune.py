@@ -130,7 +130,7 @@ def main(argv=None):
                               config.max_tokens, seed=args.seed, clean_eda=args.dataset in ("icfg", "rstp"))
     # Model selection on the validation split; ICFG-PEDES has none, so its last epoch is kept.
     has_val = args.dataset != "icfg"
-    monitor = retrieval_monitor(args, tokenizer, args.dataset if has_val else "none", "val", normalization)
+    monitor = retrieval_monitor(args, tokenizer, args.dataset if has_val else "none", normalization)
     t0 = time.time()
     train(args, FinetuneObjective(model, args.eda_weight), model, tokenizer, dataset, monitor,
           double_lr="finetune", schedule="step", warmup=args.warmup)

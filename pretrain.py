@@ -226,9 +226,10 @@ def train(args, objective, model, tokenizer, dataset, evaluate_epoch, double_lr,
     """The training loop shared by pre-training and fine-tuning.
 
     objective(batch, generator) -> dict of named loss terms with "total" (a module, so that DDP sees the forward);
-    evaluate_epoch(model, epoch) -> (metrics dict, is_best) runs on rank 0 after each epoch.
-    warmup: steps (int) or a fraction of all steps (float). double_lr: the 2x lr set of spec §5.1.
-    Writes out_dir/ckpt.pt after each epoch (and at --max-steps), out_dir/best.pt when is_best, and log.jsonl.
+    evaluate_epoch(model, epoch) -> metrics dict runs on rank 0 after each epoch; the epoch with the highest
+    metrics["val_R1"] is the best (the best value so far is kept in the checkpoint, so a resumed run compares
+    against it). warmup: steps (int) or a fraction of all steps (float). double_lr: the 2x lr set of spec §5.1.
+    Writes out_dir/ckpt.pt after each epoch (and at --max-steps), out_dir/best.pt for the best epoch, and log.jsonl.
     """
     rank, world_size, device = args.rank, args.world_size, args.device_obj
     master = rank == 0
@@ -244,13 +245,13 @@ def train(args, objective, model, tokenizer, dataset, evaluate_epoch, double_lr,
     total_steps = args.epochs * per_epoch
     # Warm-up W is a step count, or a fraction of all steps when given as a float (spec §5.2).
     warmup_steps = int(warmup * total_steps) if isinstance(warmup, float) else warmup
-    step = 0
+    step, best = 0, None
     if args.resume_checkpoint is not None:
         checkpoint = args.resume_checkpoint
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"][min(rank, len(checkpoint["rng"]) - 1)], generator)
-        step = checkpoint["step"]
+        step, best = checkpoint["step"], checkpoint.get("best")
     wrapped = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
         if world_size > 1 else objective
     log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
@@ -263,7 +264,7 @@ def train(args, objective, model, tokenizer, dataset, evaluate_epoch, double_lr,
             states = gathered
         return dict(model=model.state_dict(), config=asdict(model.config), tokenizer=tokenizer.state(),
                     args={k: v for k, v in vars(args).items() if not k.startswith(("device_obj", "resume_ch"))},
-                    step=step, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=states)
+                    step=step, best=best, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=states)
 
     if master:
         print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {world_size} x {device} "
@@ -314,7 +315,9 @@ def train(args, objective, model, tokenizer, dataset, evaluate_epoch, double_lr,
                 break
         epoch_done = step % per_epoch == 0
         if epoch_done and master:
-            metrics, is_best = evaluate_epoch(model, epoch)
+            metrics = evaluate_epoch(model, epoch)
+            is_best = "val_R1" in metrics and (best is None or metrics["val_R1"] > best)
+            best = metrics["val_R1"] if is_best else best
             if metrics:
                 tqdm.write(f"epoch {epoch} | " + " | ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
                 log_file.write(json.dumps(dict(step=step, epoch=epoch, **metrics)) + "\n")
@@ -424,20 +427,15 @@ def build_model(args, tokenizer):
     return model.to(args.device_obj)
 
 
-def retrieval_monitor(args, tokenizer, dataset, split, normalization):
-    """evaluate_epoch for train(): text→image retrieval on a split, best = highest R1 so far."""
+def retrieval_monitor(args, tokenizer, dataset, normalization):
+    """evaluate_epoch for train(): text→image retrieval metrics on the validation split, named "val_R1" etc."""
     if dataset == "none":
-        return lambda model, epoch: ({}, False)
-    testset = load_retrieval(dataset, args.val_root or args.synthetic["cuhk_raw"], split)
-    best = {"R1": -1.0}
-
+        return lambda model, epoch: {}
+    testset = load_retrieval(dataset, args.val_root or args.synthetic["cuhk_raw"], "val")
     def evaluate_epoch(model, epoch):
         metrics = evaluate_retrieval(model, tokenizer, testset, args.device_obj, k_rerank=args.k_rerank,
                                      normalization=normalization, batch_size=args.eval_batch_size)
-        metrics = {f"{split}_{k}": v for k, v in metrics.items() if k in ("R1", "R5", "R10", "mAP", "mINP")}
-        is_best = metrics[f"{split}_R1"] > best["R1"]
-        best["R1"] = max(best["R1"], metrics[f"{split}_R1"])
-        return metrics, is_best
+        return {f"val_{k}": v for k, v in metrics.items() if k in ("R1", "R5", "R10", "mAP", "mINP")}
 
     return evaluate_epoch
 
@@ -459,7 +457,7 @@ def main(argv=None):
     dataset = PretrainDataset(entries, transform, tokenizer, config.max_tokens, seed=args.seed)
     objective = PretrainObjective(model, tokenizer, MALS_PROMPTS, args.beta, args.label_smoothing,
                                   config.max_tokens).to(args.device_obj)
-    monitor = retrieval_monitor(args, tokenizer, args.val_dataset, "val",
+    monitor = retrieval_monitor(args, tokenizer, args.val_dataset,
                                 NORMALIZATION.get(args.val_dataset))
     t0 = time.time()
     train(args, objective, model, tokenizer, dataset, monitor, double_lr="cross", schedule="linear",

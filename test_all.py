@@ -1894,6 +1894,10 @@ def test_finetune_and_evaluate_from_pretrained(world, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "val_R1" in out and "test with" in out
     assert (tmp_path / "ft" / "best.pt").exists()
+    # the best validation R1 so far travels in the checkpoint, so a resumed run selects against it
+    logged = [json.loads(line) for line in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
+    best_r1 = max(record["val_R1"] for record in logged if "val_R1" in record)
+    assert torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)["best"] == best_r1
     metrics = attributes.main(["--ckpt", init, "--data-root", world])
     assert set(metrics) == {"mA", "Acc", "Prec", "Rec", "F1"}
     tuned = attributes.main(["--ckpt", init, "--data-root", world, "--train", "--max-steps", "2", "--batch-size", "8",
