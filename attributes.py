@@ -338,7 +338,7 @@ class AttributeObjective(torch.nn.Module):
         super().__init__()
         self.model, self.prompts = model, PromptStream(tokenizer, prompts, max_tokens, label_smoothing=0.0)
 
-    def forward(self, batch, generator):
+    def forward(self, batch, generator, progress):
         image_embeds = self.model.encode_image(batch["image"])  # (B, N, Dv)
         image_feat = self.model.image_feat(image_embeds)  # (B, D)
         attr = self.prompts(self.model, image_embeds, image_feat, batch["attr_label"], generator)

@@ -340,11 +340,11 @@ def bench_training(objective_name, model, tokenizer, args, device, peak_tflops):
     batch_size = args.batch_finetune if objective_name == "finetune" else args.batch_pretrain
     batch = random_batch(objective_name, config, tokenizer, batch_size, device, args.seed)
     if objective_name == "finetune":
-        objective, double_lr = FinetuneObjective(model, eda_weight=0.8), "finetune"
+        objective, double_lr = FinetuneObjective(model, eda_weight=0.8, uniform_negatives=0.0), "finetune"
         flops = finetune_step_flops(config, batch_size, masked=batch["masked_pos"].shape[1])
     else:
         objective = PretrainObjective(model, tokenizer, MALS_PROMPTS, beta=0.8, label_smoothing=0.4,
-                                      max_tokens=config.max_tokens).to(device)
+                                      max_tokens=config.max_tokens, uniform_negatives=0.0).to(device)
         double_lr = "cross"
         mam_rows = int((prompt_targets(batch["attr_label"]) == 1).any(dim=0).sum())  # prompts MAM keeps (R)
         flops = pretrain_step_flops(config, batch_size, objective.prompts.prompt_ids.shape[1], len(MALS_PROMPTS),
@@ -386,7 +386,7 @@ def time_steps(objective, batch, optimizer, ctx, args, device):
     def step():
         # ---------------- TRAINING STEP (pretrain.train's update path, without its per-step isfinite sync) -----
         with ctx:
-            terms = objective(batch, generator)
+            terms = objective(batch, generator, 0.0)  # the paper's hard negatives
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()  # bf16 needs no GradScaler (pretrain.autocast_setup disables it)
         optimizer.step()

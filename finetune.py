@@ -25,12 +25,14 @@ from data import (NORMALIZATION, FinetuneDataset, Tokenizer, check_images, fail,
 from evaluate import evaluate_retrieval, load_model_and_tokenizer
 from losses import finetune_objective, mlm_loss
 from model import APTM, CONFIGS, load_bert
-from pretrain import (DEFAULT_WORKERS, cleanup_distributed, fill_preset_defaults, init_run, retrieval_losses,
-                      retrieval_monitor, train)
+from pretrain import (DEFAULT_WORKERS, UNIFORM_NEGATIVES_HELP, cleanup_distributed, fill_preset_defaults, init_run,
+                      retrieval_losses, retrieval_monitor, train)
 
 PRESET_DEFAULTS = {
-    "tiny": dict(epochs=10, batch_size=48, lr=1e-3, erasing_p=0.0, k_rerank=32, eval_batch_size=128),
-    "aptm-base": dict(epochs=30, batch_size=120, lr=1e-4, erasing_p=0.6, k_rerank=128, eval_batch_size=150),
+    "tiny": dict(epochs=10, batch_size=48, lr=1e-3, erasing_p=0.0, k_rerank=32, eval_batch_size=128,
+                 uniform_negatives=1.0),
+    "aptm-base": dict(epochs=30, batch_size=120, lr=1e-4, erasing_p=0.6, k_rerank=128, eval_batch_size=150,
+                      uniform_negatives=0.0),
 }
 
 
@@ -54,6 +56,7 @@ def get_args(argv=None):
     parser.add_argument("--weight-decay", type=float, default=0.01, help="spec §5.1")
     parser.add_argument("--warmup", type=float, default=0.1, help="warm-up, fraction of all steps (spec §5.2)")
     parser.add_argument("--eda-weight", type=float, default=0.8, help="weight of the EDA copy in E10/E11")
+    parser.add_argument("--uniform-negatives", type=float, help=UNIFORM_NEGATIVES_HELP)
     parser.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm; 0 = none (official: none)")
     parser.add_argument("--erasing-p", type=float, help="random-erasing probability; paper 0.6 (spec §4.6); tiny 0")
     # evaluation (spec §6)
@@ -77,19 +80,19 @@ def get_args(argv=None):
 class FinetuneObjective(torch.nn.Module):
     """E10-E12 on one batch; the EDA copy of each caption shares its image and identity."""
 
-    def __init__(self, model, eda_weight):
+    def __init__(self, model, eda_weight, uniform_negatives):
         super().__init__()
-        self.model, self.eda_weight = model, eda_weight
+        self.model, self.eda_weight, self.uniform_negatives = model, eda_weight, uniform_negatives
 
-    def forward(self, batch, generator):
+    def forward(self, batch, generator, progress):
         model = self.model
         image_embeds = model.encode_image(batch["image"])                             # (B, N, Dv)
         image_feat = model.image_feat(image_embeds)                                   # (B, D)
-        pid = batch["pid"]
+        pid, uniform = batch["pid"], progress < self.uniform_negatives
         loss_itc, loss_itm, _ = retrieval_losses(model, image_embeds, image_feat, batch["input_ids"],
-                                                 batch["attention_mask"], pid, generator)
+                                                 batch["attention_mask"], pid, generator, uniform)
         loss_itc_eda, loss_itm_eda, _ = retrieval_losses(model, image_embeds, image_feat, batch["eda_input_ids"],
-                                                         batch["eda_attention_mask"], pid, generator)
+                                                         batch["eda_attention_mask"], pid, generator, uniform)
         # MLM on the original caption only (E12).
         mlm_logits = model.mlm_logits(batch["masked_ids"], batch["attention_mask"], image_embeds,
                                       batch["masked_pos"])                            # (B, M, V)
@@ -132,7 +135,7 @@ def main(argv=None):
     has_val = args.dataset != "icfg"
     monitor = retrieval_monitor(args, tokenizer, args.dataset if has_val else "none", normalization)
     t0 = time.time()
-    train(args, FinetuneObjective(model, args.eda_weight), model, tokenizer, dataset, monitor,
+    train(args, FinetuneObjective(model, args.eda_weight, args.uniform_negatives), model, tokenizer, dataset, monitor,
           double_lr="finetune", schedule="step", warmup=args.warmup)
     if args.rank == 0:
         minutes = (time.time() - t0) / 60

@@ -93,7 +93,7 @@ def itc_loss(image_feat, text_feat, pid, tau):
 
 @torch.no_grad()
 @_in_fp32
-def sample_hard_negatives(image_feat, text_feat, pid, tau, generator):
+def sample_hard_negatives(image_feat, text_feat, pid, tau, generator, uniform=False):
     """Hard negatives for ITM (spec §2.3): one negative image per text, one negative text per image.
 
         w^{i2t}_bc = softmax_c(v_b · t_c / τ) + 1e-5,   w^{t2i}_bc = softmax_c(t_b · v_c / τ) + 1e-5
@@ -115,14 +115,21 @@ def sample_hard_negatives(image_feat, text_feat, pid, tau, generator):
     without a sync: only the diagonal is masked, as in X-VLM's pid-less mining, so each negative is
     another sample of the same person (a false negative, but the step runs). B = 1 has no negative
     at all and raises ValueError.
+
+    uniform=True (our departure, for training from scratch): every other identity is equally likely,
+    w_bc = 1. Measured on the tiny preset: with similarity-weighted negatives from the first step the
+    ITM loss never leaves its class prior, because ITC has only learned what the negatives then share.
     """
     batch_size = image_feat.shape[0]
     if batch_size < 2:
         raise ValueError(f"ITM hard negatives need a batch of at least 2 samples, got {batch_size}")
     v = F.normalize(image_feat, dim=-1)  # (B, D)
     t = F.normalize(text_feat, dim=-1)  # (B, D)
-    w_i2t = F.softmax(v @ t.T / tau, dim=1) + HARD_NEGATIVE_EPS  # (B, B)
-    w_t2i = F.softmax(t @ v.T / tau, dim=1) + HARD_NEGATIVE_EPS  # (B, B)
+    if uniform:
+        w_i2t = w_t2i = torch.ones(batch_size, batch_size, device=v.device)  # (B, B)
+    else:
+        w_i2t = F.softmax(v @ t.T / tau, dim=1) + HARD_NEGATIVE_EPS  # (B, B)
+        w_t2i = F.softmax(t @ v.T / tau, dim=1) + HARD_NEGATIVE_EPS  # (B, B)
     same_pid = pid[:, None] == pid[None, :]  # (B, B)
     off_diagonal = ~torch.eye(batch_size, dtype=torch.bool, device=same_pid.device)  # (B, B)
     masked = same_pid & ~(same_pid.all() & off_diagonal)  # (B, B) single-identity fallback: diagonal only

@@ -42,10 +42,15 @@ DEFAULT_WORKERS = 6 if torch.cuda.is_available() else 0
 # Run lengths that differ between the CPU default and the paper (spec §5.4); None on the command line means "take
 # the preset's value".
 PRESET_DEFAULTS = {
-    "tiny": dict(epochs=6, batch_size=48, warmup_steps=50, lr=1e-3, erasing_p=0.0, k_rerank=32, eval_batch_size=128),
+    "tiny": dict(epochs=6, batch_size=48, warmup_steps=50, lr=1e-3, erasing_p=0.0, k_rerank=32, eval_batch_size=128,
+                 uniform_negatives=1.0),
     "aptm-base": dict(epochs=32, batch_size=150, warmup_steps=2600, lr=1e-4, erasing_p=0.6, k_rerank=128,
-                      eval_batch_size=150),
+                      eval_batch_size=150, uniform_negatives=0.0),
 }
+
+
+UNIFORM_NEGATIVES_HELP = ("fraction of the run, from its start, in which ITM draws its negatives uniformly instead of "
+                          "by ITC similarity (losses.sample_hard_negatives); paper 0; tiny (from scratch) 1")
 
 
 def get_args(argv=None):
@@ -70,6 +75,7 @@ def get_args(argv=None):
     parser.add_argument("--warmup-steps", type=int, help="linear warm-up; paper 2600 (spec §5.2)")
     parser.add_argument("--beta", type=float, default=0.8, help="weight of the attribute stream, E9 (config key 't')")
     parser.add_argument("--label-smoothing", type=float, default=0.4, help="ε of E7 on IAC and IAM (spec §2.8)")
+    parser.add_argument("--uniform-negatives", type=float, help=UNIFORM_NEGATIVES_HELP)
     parser.add_argument("--k-rerank", type=int, help="validation: ITM re-ranks ITC's top k; paper 128, tiny 32")
     parser.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm; 0 = none (official: none)")
     parser.add_argument("--erasing-p", type=float, help="random-erasing probability; paper 0.6 (spec §4.6); tiny 0, "
@@ -98,6 +104,8 @@ def fill_preset_defaults(args, parser, table):
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1")
+    if not 0 <= args.uniform_negatives <= 1:
+        parser.error("--uniform-negatives is a fraction in [0, 1]")
     if args.batch_size < 2:
         parser.error("--batch-size must be at least 2: ITM needs an in-batch negative (spec §2.3)")
     return args
@@ -225,7 +233,8 @@ def save_checkpoint(path, checkpoint):
 def train(args, objective, model, tokenizer, dataset, evaluate_epoch, double_lr, schedule, warmup):
     """The training loop shared by pre-training and fine-tuning.
 
-    objective(batch, generator) -> dict of named loss terms with "total" (a module, so that DDP sees the forward);
+    objective(batch, generator, progress) -> dict of named loss terms with "total" (a module, so that DDP sees the
+    forward); progress = step / total steps, in [0, 1);
     evaluate_epoch(model, epoch) -> metrics dict runs on rank 0 after each epoch; the epoch with the highest
     metrics["val_R1"] is the best (the best value so far is kept in the checkpoint, so a resumed run compares
     against it). warmup: steps (int) or a fraction of all steps (float). double_lr: the 2x lr set of spec §5.1.
@@ -288,7 +297,7 @@ def train(args, objective, model, tokenizer, dataset, evaluate_epoch, double_lr,
                 group["lr"] = group["base_lr"] * lr_factor
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with ctx:
-                terms = wrapped(batch, generator)
+                terms = wrapped(batch, generator, step / total_steps)
             if not torch.isfinite(terms["total"]):
                 values = {k: round(v.item(), 4) for k, v in terms.items()}
                 fail(f"non-finite loss at step {step}: {values} (lower --lr, or try --dtype float32)")
@@ -362,14 +371,15 @@ def cleanup_distributed():
 # The objective: E9 on one batch
 
 
-def retrieval_losses(model, image_embeds, image_feat, input_ids, attention_mask, pid, generator):
-    """ITC (E1, over the batch gathered from all processes) and ITM with in-batch hard negatives (E2) for one
-    batch of captions. Returns (itc, itm, text_embeds). finetune.py calls it for the caption and its EDA copy."""
+def retrieval_losses(model, image_embeds, image_feat, input_ids, attention_mask, pid, generator, uniform=False):
+    """ITC (E1, over the batch gathered from all processes) and ITM with in-batch hard negatives (E2), or uniform
+    ones, for one batch of captions. Returns (itc, itm, text_embeds). finetune.py calls it for the caption and its
+    EDA copy."""
     text_embeds = model.encode_text(input_ids, attention_mask)                        # (B, L, Dt)
     text_feat = model.text_feat(text_embeds)                                          # (B, D)
     loss_itc = itc_loss(gather(image_feat), gather(text_feat), gather(pid), model.temp)
     # Hard negatives are drawn within the local batch (spec §2.3): for each text an image, for each image a text.
-    neg_image, neg_text = sample_hard_negatives(image_feat, text_feat, pid, model.temp, generator)  # (B,), (B,)
+    neg_image, neg_text = sample_hard_negatives(image_feat, text_feat, pid, model.temp, generator, uniform)  # (B,)
     # 3B pairs: (I_b, T_b) label 1, (Ĩ_b, T_b) label 0, (I_b, T̃_b) label 0.
     pair_text = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]])          # (3B, L, Dt)
     pair_atts = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])  # (3B, L)
@@ -382,17 +392,18 @@ def retrieval_losses(model, image_embeds, image_feat, input_ids, attention_mask,
 class PretrainObjective(torch.nn.Module):
     """E9 on one batch: L = L_itc + L_itm + L_mlm + β·(L_iac + L_iam + L_mam)/3 (spec §2.9)."""
 
-    def __init__(self, model, tokenizer, prompts, beta, label_smoothing, max_tokens):
+    def __init__(self, model, tokenizer, prompts, beta, label_smoothing, max_tokens, uniform_negatives):
         super().__init__()
-        self.model, self.beta = model, beta
+        self.model, self.beta, self.uniform_negatives = model, beta, uniform_negatives
         self.prompts = PromptStream(tokenizer, prompts, max_tokens, label_smoothing)
 
-    def forward(self, batch, generator):
+    def forward(self, batch, generator, progress):
         model = self.model
         image_embeds = model.encode_image(batch["image"])                             # (B, N, Dv)
         image_feat = model.image_feat(image_embeds)                                   # (B, D)
         loss_itc, loss_itm, _ = retrieval_losses(model, image_embeds, image_feat, batch["input_ids"],
-                                                 batch["attention_mask"], batch["pid"], generator)
+                                                 batch["attention_mask"], batch["pid"], generator,
+                                                 uniform=progress < self.uniform_negatives)
         # MLM on the caption, conditioned on the image (E3); the masks were drawn in the data-loader workers.
         mlm_logits = model.mlm_logits(batch["masked_ids"], batch["attention_mask"], image_embeds,
                                       batch["masked_pos"])                            # (B, M, V)
@@ -456,7 +467,7 @@ def main(argv=None):
     transform = train_transform(config.image_size, NORMALIZATION["mals"], args.erasing_p)
     dataset = PretrainDataset(entries, transform, tokenizer, config.max_tokens, seed=args.seed)
     objective = PretrainObjective(model, tokenizer, MALS_PROMPTS, args.beta, args.label_smoothing,
-                                  config.max_tokens).to(args.device_obj)
+                                  config.max_tokens, args.uniform_negatives).to(args.device_obj)
     monitor = retrieval_monitor(args, tokenizer, args.val_dataset,
                                 NORMALIZATION.get(args.val_dataset))
     t0 = time.time()

@@ -763,6 +763,27 @@ def test_hard_negatives_never_same_pid_and_seeded():
         assert (pid[neg_image_idx] != pid).all() and (pid[neg_text_idx] != pid).all()
 
 
+def test_uniform_negatives_ignore_similarity_but_not_identity():
+    """uniform=True: every other identity is equally likely whatever the ITC similarities (here image 1 is the
+    text-0 twin at τ 0.01, which the similarity-weighted sampler nearly always picks); the same identity never."""
+    B, draws = 4, 3000
+    text_feat = torch.eye(B)
+    image_feat = text_feat.roll(1, dims=0)  # image b+1 has text b's features
+    pid = torch.tensor([0, 1, 2, 2])
+    generator = torch.Generator().manual_seed(0)
+    uniform, hard = torch.zeros(B), torch.zeros(B)
+    for _ in range(draws):
+        neg_image_idx, neg_text_idx = losses.sample_hard_negatives(image_feat, text_feat, pid, 0.01, generator,
+                                                                   uniform=True)
+        assert (pid[neg_image_idx] != pid).all() and (pid[neg_text_idx] != pid).all()
+        uniform[neg_image_idx[0]] += 1
+        hard[losses.sample_hard_negatives(image_feat, text_feat, pid, 0.01, generator)[0][0]] += 1
+    # text 0 (pid 0) draws images 1, 2, 3 each with probability 1/3 ...
+    assert uniform[0] == 0 and torch.allclose(uniform[1:] / draws, torch.full((3,), 1 / 3), atol=0.03)
+    # ... where the similarity-weighted sampler takes image 1, its twin
+    assert hard[1] / draws > 0.99
+
+
 def test_hard_negatives_single_identity_fallback_and_batch_of_one():
     generator = torch.Generator().manual_seed(0)
     feat = torch.randn(4, 3)
@@ -1884,6 +1905,15 @@ def test_pretrain_smoke_and_exact_resume(world, tmp_path):
         assert torch.equal(value, b["model"][key]), key
     log = (tmp_path / "a" / "log.jsonl").read_text().splitlines()
     assert len(log) == 4 and all(key in log[-1] for key in ("itc", "itm", "mlm", "iac", "iam", "mam", "total"))
+
+
+def test_uniform_negatives_for_the_first_part_of_the_run(world, tmp_path, monkeypatch):
+    """--uniform-negatives 0.5: ITM negatives are uniform for the first half of the steps, hard after."""
+    seen = []
+    real = pretrain.sample_hard_negatives
+    monkeypatch.setattr(pretrain, "sample_hard_negatives", lambda *args: seen.append(args[5]) or real(*args))
+    pretrain.main(run_args(world, tmp_path, "--epochs", "2", "--uniform-negatives", "0.5", "--val-dataset", "none"))
+    assert len(seen) >= 4 and seen == [step < len(seen) / 2 for step in range(len(seen))]
 
 
 def test_finetune_and_evaluate_from_pretrained(world, tmp_path, capsys):
