@@ -73,13 +73,14 @@ def check_images(paths, source=""):
     if missing:
         where = f"{source}: " if source else ""
         fail(f"{where}{len(missing)} of {len(paths)} image files are missing, the first is entry {missing[0]}: "
-             f"{paths[missing[0]]}; check the image root (or --data-root) and that the images were extracted")
+             f"{paths[missing[0]]}; check the image folder (--image-root or --data-root) and that the images "
+             "were extracted")
 
 
 def _load_json_list(path, what):
     """Read a JSON file holding a list (of dicts or of anything); fail clearly on every problem."""
     if not os.path.isfile(path):
-        fail(f"{path}: {what} file not found; check the path or --data-root")
+        fail(f"{path}: {what} file not found; check the path (--ann, --data-root)")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
