@@ -838,18 +838,20 @@ def label_caption(caption):
     "a young boy … wearing jeans and a baseball cap" gives [1, 0, …, 1, 1] as published."""
     text = " " + " ".join(re.sub(r"[^a-z]+", " ", caption.lower()).split()) + " "
     label = [-1] * MALS_NUM_ATTRIBUTES
+
+    def decide(k, yes, no):  # attribute k is 1 if only the "yes" words occur, 0 if only the "no" words, else unknown
+        if yes != no:
+            label[k] = int(yes)
+
     male = _keyword(text, r" (man|men|guy|gentleman|male|boy|he|his|him|himself) ")
     female = _keyword(text, r" (woman|women|lady|female|girl|she|her|hers|herself) ")
-    if male != female:
-        label[0] = 1 if male else 0
+    decide(0, male, female)
     young = _keyword(text, r" (boy|girl|child|kid|teenager|youngster) ")
     adult = _keyword(text, r" (adult|elderly|middle aged) ")
-    if young != adult:
-        label[1] = 1 if adult else 0
+    decide(1, adult, young)
     long_hair = _keyword(text, r" long (\w+ )?hair | hair is long ")
     short_hair = _keyword(text, r" short (\w+ )?hair | hair is short ")
-    if long_hair != short_hair:
-        label[2] = 1 if long_hair else 0
+    decide(2, long_hair, short_hair)
     if _keyword(text, r" (no|without a|without any|not wearing a|not wearing any) (\w+ )?(hat|cap|beanie) "):
         label[3] = 1
     elif _keyword(text, r" (hat|cap|beanie) "):
@@ -865,17 +867,14 @@ def label_caption(caption):
             label[6] = 0
     short_sleeve = _keyword(text, r" (short sleeved|short sleeves?|t shirt|tee|sleeveless) ")
     long_sleeve = _keyword(text, r" (long sleeved|long sleeves?|jacket|coat|sweater|hoodie|cardigan) ")
-    if short_sleeve != long_sleeve:
-        label[7] = 1 if short_sleeve else 0
+    decide(7, short_sleeve, long_sleeve)
     shorts = _keyword(text, r" shorts ")
     pants = _keyword(text, r" (pants|trousers|jeans|slacks) ")
     short_skirt = _keyword(text, r" (short|mini) (skirt|dress) ")
     long_skirt = _keyword(text, r" (long|maxi) (skirt|dress) ")
     skirt = _keyword(text, r" (skirt|dress) ")
-    if (shorts or short_skirt) != (pants or long_skirt):
-        label[8] = 1 if (shorts or short_skirt) else 0
-    if (shorts or pants) != skirt:
-        label[9] = 1 if (shorts or pants) else 0
+    decide(8, shorts or short_skirt, pants or long_skirt)
+    decide(9, shorts or pants, skirt)
     for first, colours, patterns in ((10, UPPER_COLOURS, _UPPER_COLOUR_RES), (18, LOWER_COLOURS, _LOWER_COLOUR_RES)):
         named = {_COLOUR_WORDS[m] for p in patterns for m in p.findall(text)} & set(colours)
         if not named and first == 18 and " jeans " in text:  # implicit extension: jeans are blue (README example)
