@@ -1,5 +1,6 @@
 """Attribute prompts of APTM: the prompt tables, label → prompt targets, the three attribute losses
-(IAC, IAM, MAM) wired to the model, attribute prediction by ITM, and the PA-100K metrics.
+(IAC, IAM, MAM) wired to the model, attribute prediction by ITM, and the PA-100K metrics (with one
+of ours beside them: the AUC of the prompt-pair scores, which needs no threshold).
 
 Spec §3.1 (MALS, 27 attributes), §3.2 (PA-100K, 26 attributes), §3.3 (prediction), §3.4 (metrics),
 §2.5–2.7 (the losses, computed in losses.py).
@@ -187,18 +188,17 @@ def attribute_losses(model, image_embeds, image_feat, attr_labels, prompt_ids, p
 
 
 @torch.no_grad()
-def predict_attributes(model, image_embeds, prompt_embeds, prompt_atts, pair_batch_size=PREDICT_PAIR_BATCH):
-    """Predicted attributes by ITM over every prompt (spec §3.3).
+def attribute_scores(model, image_embeds, prompt_embeds, prompt_atts, pair_batch_size=PREDICT_PAIR_BATCH):
+    """ITM match logits of every image with every prompt (spec §3.3), grouped by attribute.
 
         s_bt = itm_head(X(prompt_t, I_b)[0])[1]      (raw match logit, no softmax)
-        â_bk = 1 iff s_b,2k+1 > s_b,2k               (ties → 0, as numpy argmax)
 
-    | symbol | argument      | shape      |
-    |--------|---------------|------------|
-    | I_b    | image_embeds  | (B, N, Dv) |
-    | —      | prompt_embeds | (P, L, Dt) |
-    | —      | prompt_atts   | (P, L)     |
-    | â_bk   | returned      | (B, K) long in {0, 1} |
+    | symbol | argument      | shape         |
+    |--------|---------------|---------------|
+    | I_b    | image_embeds  | (B, N, Dv)    |
+    | —      | prompt_embeds | (P, L, Dt)    |
+    | —      | prompt_atts   | (P, L)        |
+    | s      | returned      | (B, K, 2) fp32; s[b, k, a] is the score of prompt 2k + a |
 
     All B·P pairs go through the cross encoder in chunks of about `pair_batch_size` pairs (whole
     images per chunk). The caller puts the model in eval mode. ITC/IAC similarities are not used.
@@ -214,8 +214,41 @@ def predict_attributes(model, image_embeds, prompt_embeds, prompt_atts, pair_bat
         pair_text_atts = prompt_atts.repeat(chunk.shape[0], 1)  # (b·P, L)
         logits = model.itm_logits(pair_text_embeds, pair_text_atts, pair_image_embeds)  # (b·P, 2)
         scores.append(logits[:, 1].float().view(chunk.shape[0], num_prompts))  # (b, P)
-    s = torch.cat(scores).unflatten(1, (num_prompts // 2, 2))  # (B, K, 2)
+    return torch.cat(scores).unflatten(1, (num_prompts // 2, 2))  # (B, K, 2)
+
+
+def predict_attributes(model, image_embeds, prompt_embeds, prompt_atts, pair_batch_size=PREDICT_PAIR_BATCH):
+    """Predicted attributes (spec §3.3): â_bk = 1 iff s_b,2k+1 > s_b,2k, ties → 0 (as numpy argmax);
+    s from `attribute_scores` → (B, K) long in {0, 1}."""
+    s = attribute_scores(model, image_embeds, prompt_embeds, prompt_atts, pair_batch_size)  # (B, K, 2)
     return (s[..., 1] > s[..., 0]).long()  # (B, K)
+
+
+def pair_auc(margin, gt):
+    """Per-attribute ROC AUC of the prompt-pair margin, in percent (ours; not in the paper or spec §3.4).
+
+        AUC_k = P(d_nk > d_mk) + ½ P(d_nk = d_mk)   over images n with G_nk = 1 and m with G_mk = 0,
+        d_bk = s_b,2k+1 − s_b,2k                      (the margin that §3.3 thresholds at 0)
+
+    | symbol | argument | shape  |
+    |--------|----------|--------|
+    | d      | margin   | (N, K) |
+    | G      | gt       | (N, K) in {0, 1} |
+
+    Threshold-free: 50 when the margin does not depend on the image, 100 when it orders every
+    label-1 image above every label-0 image. It shows what the prompts have learned even when a
+    weak model's margins never cross 0, so that mA sits at 50. An attribute without a label-1 or
+    a label-0 image gets NaN. Returns a (K,) float64 tensor.
+    """
+    if ((gt != 0) & (gt != 1)).any():
+        raise ValueError("pair_auc needs labels in {0, 1}")
+    auc = torch.full((gt.shape[1],), float("nan"), dtype=torch.float64)
+    for k in range(gt.shape[1]):
+        pos, neg = margin[gt[:, k] == 1, k], margin[gt[:, k] == 0, k]
+        if len(pos) and len(neg):
+            above = (pos[:, None] > neg[None]).double().mean() + 0.5 * (pos[:, None] == neg[None]).double().mean()
+            auc[k] = 100 * above
+    return auc
 
 
 def attribute_metrics(pred, gt):
@@ -290,7 +323,8 @@ def encode_prompts(model, tokenizer, prompts, max_tokens):
 
 @torch.no_grad()
 def evaluate_attributes(model, tokenizer, entries, table, normalization, batch_size=128, workers=2):
-    """Predict every image's attributes (spec §3.3) and score them (spec §3.4) → (metrics, per-attribute mA)."""
+    """Predict every image's attributes (spec §3.3) and score them (spec §3.4, plus the pair-score AUC)
+    → (metrics, per-attribute {"mA", "AUC"})."""
     from evaluate import autocast_for
 
     device = next(model.parameters()).device
@@ -298,18 +332,21 @@ def evaluate_attributes(model, tokenizer, entries, table, normalization, batch_s
     prompts = PROMPT_TABLES[table]
     dataset = ImageDataset([path for path, _ in entries], test_transform(model.config.image_size, normalization))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    predictions = []
+    scores = []
     with autocast_for(device):
         prompt_embeds, prompt_atts = encode_prompts(model, tokenizer, prompts, PROMPT_MAX_TOKENS[table])
         for batch in loader:
             image_embeds = model.encode_image(batch["image"].to(device))  # (B, N, Dv)
-            predictions.append(predict_attributes(model, image_embeds, prompt_embeds, prompt_atts).cpu())
-    pred = torch.cat(predictions)  # (N, K)
+            scores.append(attribute_scores(model, image_embeds, prompt_embeds, prompt_atts).cpu())
+    s = torch.cat(scores)  # (N, K, 2)
+    pred = (s[..., 1] > s[..., 0]).long()  # (N, K), the rule of predict_attributes
     gt = torch.tensor([label for _, label in entries])  # (N, K)
     if gt.shape[1] != len(prompts) // 2:
         raise ValueError(f"labels have {gt.shape[1]} attributes but the {table} prompts describe {len(prompts) // 2}")
-    per_attribute = [attribute_metrics(pred[:, k:k + 1], gt[:, k:k + 1])["mA"] for k in range(gt.shape[1])]
-    return attribute_metrics(pred, gt), per_attribute
+    auc = pair_auc(s[..., 1] - s[..., 0], gt)  # (K,)
+    per_attribute = [{"mA": attribute_metrics(pred[:, k:k + 1], gt[:, k:k + 1])["mA"], "AUC": float(auc[k])}
+                     for k in range(gt.shape[1])]
+    return {**attribute_metrics(pred, gt), "AUC": float(auc.nanmean())}, per_attribute
 
 
 class PromptStream(torch.nn.Module):
@@ -347,9 +384,9 @@ class AttributeObjective(torch.nn.Module):
 
 def print_table(metrics, per_attribute, names):
     print("  ".join(f"{key} {value:.2f}" for key, value in metrics.items()))
-    print(f"{'attribute':<16} {'mA':>6}")
-    for name, value in zip(names, per_attribute):
-        print(f"{name:<16} {value:6.2f}")
+    print(f"{'attribute':<16} {'mA':>6} {'AUC':>6}")
+    for name, values in zip(names, per_attribute):
+        print(f"{name:<16} {values['mA']:6.2f} {values['AUC']:6.2f}")
 
 
 def get_args(argv=None):

@@ -886,6 +886,23 @@ def test_attribute_metrics_zero_denominators_are_skipped():
         attributes.attribute_metrics(pred, torch.tensor([[0, -1], [1, 0]]))
 
 
+def test_pair_auc_against_all_pairs():
+    """AUC_k = P(d_pos > d_neg) + ½ P(tie), by a loop over every (label-1, label-0) pair of images."""
+    torch.manual_seed(15)
+    margin = torch.randint(-3, 4, (30, 4)).float()  # small integers: plenty of ties
+    gt = torch.randint(0, 2, (30, 4))
+    gt[:, 3] = 1  # no label-0 image: undefined
+    got = attributes.pair_auc(margin, gt)
+    for k in range(3):
+        pairs = [(margin[n, k], margin[m, k]) for n in range(30) for m in range(30) if gt[n, k] == 1 and gt[m, k] == 0]
+        expected = 100 * sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
+        assert abs(got[k].item() - expected) < 1e-9
+    assert torch.isnan(got[3])
+    assert attributes.pair_auc(torch.zeros(30, 3), gt[:, :3]).eq(50).all()  # a constant margin ranks nothing
+    with pytest.raises(ValueError):
+        attributes.pair_auc(margin, torch.full((30, 4), -1))
+
+
 # ---------------------------------------------------------------------------------------------------
 # A fake model with the model.py API (PLAN.md), so that these tests do not depend on model.py
 # ---------------------------------------------------------------------------------------------------
@@ -1929,7 +1946,7 @@ def test_finetune_and_evaluate_from_pretrained(world, tmp_path, capsys):
     best_r1 = max(record["val_R1"] for record in logged if "val_R1" in record)
     assert torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)["best"] == best_r1
     metrics = attributes.main(["--ckpt", init, "--data-root", world])
-    assert set(metrics) == {"mA", "Acc", "Prec", "Rec", "F1"}
+    assert set(metrics) == {"mA", "Acc", "Prec", "Rec", "F1", "AUC"}
     tuned = attributes.main(["--ckpt", init, "--data-root", world, "--train", "--max-steps", "2", "--batch-size", "8",
                              "--out-dir", str(tmp_path / "attr")])  # E13 fine-tuning, then the test split
     assert set(tuned) == set(metrics) and (tmp_path / "attr" / "ckpt.pt").exists()
