@@ -150,7 +150,7 @@ def attribute_losses(model, image_embeds, image_feat, attr_labels, prompt_ids, p
     | prompt_masked_pos    | (P, M)      | masked positions                                         |
     | prompt_masked_labels | (P, M)      | original ids there, −100 = padding                       |
     | generator            | —           | torch.Generator on the device of the tensors             |
-    | label_smoothing      | float       | ε of E7 for IAC and IAM (0.4 in pre-training)            |
+    | label_smoothing      | float       | ε of E7 for IAC and IAM (paper pre-training 0.4; tiny 0) |
 
     The prompts are encoded once with the text encoder; IAC contrasts their projections with the
     images; IAM runs the cross encoder on 5 random prompts × every image in one (5·B)-pair batch (the
