@@ -121,7 +121,7 @@ PA100K_PROMPTS = (
 PROMPT_TABLES = {"mals": MALS_PROMPTS, "pa100k": PA100K_PROMPTS}
 ATTRIBUTE_TABLES = {"mals": MALS_ATTRIBUTES, "pa100k": PA100K_ATTRIBUTES}
 
-PREDICT_PAIR_BATCH = 2048  # (image, prompt) pairs per cross-encoder call in predict_attributes (our choice)
+PREDICT_PAIR_BATCH = 2048  # (image, prompt) pairs per cross-encoder call in attribute_scores (our choice)
 
 
 def prompt_targets(attr_labels):
@@ -217,11 +217,12 @@ def attribute_scores(model, image_embeds, prompt_embeds, prompt_atts, pair_batch
     return torch.cat(scores).unflatten(1, (num_prompts // 2, 2))  # (B, K, 2)
 
 
-def predict_attributes(model, image_embeds, prompt_embeds, prompt_atts, pair_batch_size=PREDICT_PAIR_BATCH):
-    """Predicted attributes (spec §3.3): â_bk = 1 iff s_b,2k+1 > s_b,2k, ties → 0 (as numpy argmax);
-    s from `attribute_scores` → (B, K) long in {0, 1}."""
-    s = attribute_scores(model, image_embeds, prompt_embeds, prompt_atts, pair_batch_size)  # (B, K, 2)
-    return (s[..., 1] > s[..., 0]).long()  # (B, K)
+def predict_attributes(scores):
+    """Predicted attributes (spec §3.3): â_bk = 1 iff s_b,2k+1 > s_b,2k, ties → 0 (as numpy argmax).
+
+    scores (B, K, 2) from `attribute_scores` -> (B, K) long in {0, 1}.
+    """
+    return (scores[..., 1] > scores[..., 0]).long()
 
 
 def pair_auc(margin, gt):
@@ -246,8 +247,8 @@ def pair_auc(margin, gt):
     for k in range(gt.shape[1]):
         pos, neg = margin[gt[:, k] == 1, k], margin[gt[:, k] == 0, k]
         if len(pos) and len(neg):
-            above = (pos[:, None] > neg[None]).double().mean() + 0.5 * (pos[:, None] == neg[None]).double().mean()
-            auc[k] = 100 * above
+            above, tied = (pos[:, None] > neg[None]).sum(), (pos[:, None] == neg[None]).sum()  # over (n1, n0) pairs
+            auc[k] = 100 * (above + 0.5 * tied).double() / (len(pos) * len(neg))
     return auc
 
 
@@ -339,7 +340,7 @@ def evaluate_attributes(model, tokenizer, entries, table, normalization, batch_s
             image_embeds = model.encode_image(batch["image"].to(device))  # (B, N, Dv)
             scores.append(attribute_scores(model, image_embeds, prompt_embeds, prompt_atts).cpu())
     s = torch.cat(scores)  # (N, K, 2)
-    pred = (s[..., 1] > s[..., 0]).long()  # (N, K), the rule of predict_attributes
+    pred = predict_attributes(s)  # (N, K)
     gt = torch.tensor([label for _, label in entries])  # (N, K)
     if gt.shape[1] != len(prompts) // 2:
         raise ValueError(f"labels have {gt.shape[1]} attributes but the {table} prompts describe {len(prompts) // 2}")
@@ -437,7 +438,7 @@ def main(argv=None):
         with torch.no_grad(), autocast_for(device):
             prompt_embeds, prompt_atts = encode_prompts(model, tokenizer, PROMPT_TABLES[table],
                                                         PROMPT_MAX_TOKENS[table])
-            pred = predict_attributes(model, model.encode_image(image), prompt_embeds, prompt_atts)[0]
+            pred = predict_attributes(attribute_scores(model, model.encode_image(image), prompt_embeds, prompt_atts))[0]
         prompts = PROMPT_TABLES[table]
         for k, name in enumerate(names):
             print(f"{name:<16} {prompts[2 * k + int(pred[k])]}")

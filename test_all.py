@@ -1024,14 +1024,15 @@ def test_predict_attributes_matches_per_image_loop_and_chunking():
     model, batch = FakeAPTM(), fake_batch(B=5, K=4)
     prompt_embeds = model.encode_text(batch["prompt_ids"], batch["prompt_atts"])
     image_embeds = batch["image_embeds"]
-    pred = attributes.predict_attributes(model, image_embeds, prompt_embeds, batch["prompt_atts"])
+    pred = attributes.predict_attributes(attributes.attribute_scores(model, image_embeds, prompt_embeds,
+                                                                     batch["prompt_atts"]))
     assert pred.shape == (5, 4) and pred.dtype == torch.long
     for b in range(5):  # the official loop: one image against all prompts
         s = model.itm_logits(prompt_embeds, batch["prompt_atts"], image_embeds[b].repeat(8, 1, 1))[:, 1]
         for k in range(4):
             assert pred[b, k] == (1 if s[2 * k + 1] > s[2 * k] else 0)
-    small_chunks = attributes.predict_attributes(model, image_embeds, prompt_embeds, batch["prompt_atts"],
-                                                 pair_batch_size=3)
+    small_chunks = attributes.predict_attributes(attributes.attribute_scores(model, image_embeds, prompt_embeds,
+                                                                             batch["prompt_atts"], pair_batch_size=3))
     assert torch.equal(pred, small_chunks)
 
 
@@ -1042,8 +1043,8 @@ def test_predict_attributes_ties_go_to_label_0():
 
     model, batch = ConstantITM(), fake_batch(B=3, K=4)
     prompt_embeds = model.encode_text(batch["prompt_ids"], batch["prompt_atts"])
-    pred = attributes.predict_attributes(model, batch["image_embeds"], prompt_embeds, batch["prompt_atts"])
-    assert torch.equal(pred, torch.zeros(3, 4, dtype=torch.long))
+    scores = attributes.attribute_scores(model, batch["image_embeds"], prompt_embeds, batch["prompt_atts"])
+    assert torch.equal(attributes.predict_attributes(scores), torch.zeros(3, 4, dtype=torch.long))
 
 
 # =====================================================================================================================
