@@ -137,14 +137,15 @@ class Tokenizer:
 
     The lower-casing, accent stripping and punctuation splitting are transformers' BertTokenizer (the same
     basic tokenizer as bert-base-uncased); only the vocabulary differs between `from_corpus` (offline,
-    built from the captions and prompts) and `from_bert_dir` (that folder's vocab.txt: CLS 101, MASK 103).
+    built from the captions and prompts) and `from_bert_dir` (that folder's vocab.txt or tokenizer.json:
+    bert-base-uncased has CLS 101, MASK 103).
     """
 
     def __init__(self, vocab, do_lower_case=True):
         from transformers import BertTokenizer
         for token in SPECIAL_TOKENS:
             if token not in vocab:
-                fail(f"tokenizer vocabulary lacks the special token {token}; use a BERT vocab.txt")
+                fail(f"tokenizer vocabulary lacks the special token {token}; use a BERT vocabulary")
         self.vocab = list(vocab)
         self.do_lower_case = do_lower_case
         token_to_id = {token: i for i, token in enumerate(self.vocab)}
@@ -175,12 +176,27 @@ class Tokenizer:
 
     @classmethod
     def from_bert_dir(cls, path):
-        vocab_file = os.path.join(path, "vocab.txt")
-        if not os.path.isfile(vocab_file):
-            fail(f"{vocab_file}: not found; --bert must be a bert-base-uncased folder holding vocab.txt")
-        with open(vocab_file, encoding="utf-8") as f:
-            vocab = [line.rstrip("\n") for line in f]
-        return cls(vocab)
+        """The vocabulary of a BERT folder: vocab.txt (uncased), or else tokenizer.json, what transformers'
+        fast BERT tokenizer saves (a WordPiece vocabulary; lower-casing as its normalizer says)."""
+        vocab_file, json_file = os.path.join(path, "vocab.txt"), os.path.join(path, "tokenizer.json")
+        if os.path.isfile(vocab_file):
+            with open(vocab_file, encoding="utf-8") as f:
+                return cls([line.rstrip("\n") for line in f])
+        if not os.path.isfile(json_file):
+            fail(f"{path}: neither vocab.txt nor tokenizer.json; --bert needs a BERT folder with its tokenizer")
+        try:
+            with open(json_file, encoding="utf-8") as f:
+                saved = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            fail(f"{json_file}: not valid JSON ({error})")
+        model = saved.get("model") if isinstance(saved, dict) else None
+        if not isinstance(model, dict) or model.get("type") != "WordPiece" or not isinstance(model.get("vocab"), dict):
+            fail(f"{json_file}: not a WordPiece (BERT) tokenizer")
+        ids = sorted(model["vocab"].items(), key=lambda item: item[1])
+        if [i for _, i in ids] != list(range(len(ids))):
+            fail(f"{json_file}: the vocabulary ids are not 0..{len(ids) - 1}")
+        normalizer = saved.get("normalizer") or {}
+        return cls([token for token, _ in ids], do_lower_case=bool(normalizer.get("lowercase", True)))
 
     def __getstate__(self):  # pickled (e.g. into spawned DataLoader workers) as its small state
         return self.state()

@@ -385,8 +385,8 @@ def load_model_and_tokenizer(ckpt_path, bert_dir, device):
         tokenizer = data.Tokenizer.from_bert_dir(bert_dir)
     else:
         data.fail(f"{ckpt_path} has no tokenizer (an official APTM checkpoint?): pass --bert DIR, a "
-                  "bert-base-uncased folder with vocab.txt")
-    model = build_from_checkpoint(ckpt).to(device).eval()
+                  "BERT folder with vocab.txt or tokenizer.json")
+    model = build_from_checkpoint(ckpt, ckpt_path).to(device).eval()
     if tokenizer.vocab_size != model.config.vocab_size:
         data.fail(f"{ckpt_path}: the model has {model.config.vocab_size} word embeddings but the vocabulary has "
                   f"{tokenizer.vocab_size} entries")

@@ -24,7 +24,7 @@ from data import (NORMALIZATION, FinetuneDataset, Tokenizer, check_images, fail,
                   synthetic_world, train_transform)
 from evaluate import evaluate_retrieval, load_model_and_tokenizer
 from losses import finetune_objective, mlm_loss
-from model import APTM, CONFIGS, load_bert
+from model import APTM, CONFIGS, config_for_bert, load_bert
 from pretrain import (DEFAULT_WORKERS, UNIFORM_NEGATIVES_HELP, cleanup_distributed, fill_preset_defaults, init_run,
                       retrieval_losses, retrieval_monitor, train)
 
@@ -48,7 +48,9 @@ def get_args(argv=None):
     parser.add_argument("--preset", default="tiny", choices=sorted(CONFIGS),
                         help="run lengths and, without --init, the model size (with --init the model is the "
                         "checkpoint's)")
-    parser.add_argument("--bert", help="bert-base-uncased folder (vocabulary; weights when there is no --init)")
+    parser.add_argument("--bert", help="BERT folder (vocabulary; widths and weights when there is no --init)")
+    parser.add_argument("--text-layers", type=int, help="with --bert and no --init: its first N layers are the text "
+                        "encoder, the rest the fusion layers; default half (paper 6 of 12)")
     # optimisation (spec §5)
     parser.add_argument("--epochs", type=int, help="paper 30; tiny 10")
     parser.add_argument("--batch-size", type=int, help="per process; paper 120 on each of 4 GPUs; tiny 48")
@@ -108,6 +110,8 @@ def initial_model(args, corpus):
         return load_model_and_tokenizer(source, args.bert, torch.device("cpu"))
     tokenizer = Tokenizer.from_bert_dir(args.bert) if args.bert else Tokenizer.from_corpus(corpus)
     config = CONFIGS[args.preset]
+    if args.bert:
+        config = config_for_bert(config, args.bert, args.text_layers)
     model = APTM(type(config)(**{**asdict(config), "vocab_size": tokenizer.vocab_size}))
     if args.bert:
         load_bert(model, args.bert)

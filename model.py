@@ -18,7 +18,9 @@ Dt text width, D projection dim, M masked positions per row, V vocabulary, C Swi
 H x W Swin stage grid, w window side, T = w*w tokens per window, nW windows per image, nH heads.
 """
 
+import json
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass, fields, replace
 
@@ -35,6 +37,8 @@ from transformers.models.bert.modeling_bert import (
     BertOutput,
     BertSelfOutput,
 )
+
+from data import fail
 
 
 @dataclass
@@ -522,11 +526,14 @@ def optimizer_groups(model, weight_decay=0.01, lr=1e-4, lr_mult=2.0, double_lr="
 
 
 # ----------------------------------------------------------------------------------------------
-# Weight loading: BERT folder, Microsoft Swin .pth, our and the official APTM checkpoints
+# Weight loading: BERT folders, Microsoft's Swin .pth and transformers' Swin folders, our and the official
+# APTM checkpoints. Every bad file or folder ends in one `error: ...` line naming it (data.fail, exit 2).
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what transformers' save_pretrained writes
 
 
 def load_into(module, state_dict, what):
-    """Strict load with one readable error naming missing, unexpected and mis-shaped keys."""
+    """Strict load with one error line naming missing, unexpected and mis-shaped keys."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -536,33 +543,109 @@ def load_into(module, state_dict, what):
                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
                 if keys]
     if problems:
-        raise ValueError(f"cannot load {what}: " + "; ".join(problems))
+        fail(f"cannot load {what}: " + "; ".join(problems))
     module.load_state_dict(state_dict, strict=True)
     return len(state_dict)
 
 
-def load_bert(model, bert_dir):
-    """Fill embeddings, all self-attention/FFN blocks and the MLM head from a bert-base-uncased-style
-    folder (config.json + weights); the fusion layers take the BERT layers after the text layers,
-    their cross-attention stays freshly initialised (spec §1.3, §1.4)."""
-    from transformers import BertForMaskedLM
+def read_folder_config(folder, flag):
+    """config.json of a transformers model folder, as a dict."""
+    if not os.path.isdir(folder):
+        fail(f"{flag} {folder}: not a folder")
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        fail(f"{path}: not found; {flag} needs a transformers model folder (config.json + {' or '.join(WEIGHT_FILES)})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        fail(f"{path}: not valid JSON ({error})")
+    if not isinstance(config, dict):
+        fail(f"{path}: not a JSON object")
+    return config
 
-    bert = BertForMaskedLM.from_pretrained(bert_dir, local_files_only=True)
-    if bert.config.vocab_size != model.config.vocab_size:
-        raise ValueError(f"{bert_dir} has {bert.config.vocab_size} word pieces, the model {model.config.vocab_size}: "
-                         "build the tokenizer from the same folder so vocab_size matches")
-    needed = model.config.num_text_layers + model.config.num_cross_layers
-    if bert.config.num_hidden_layers < needed:
-        raise ValueError(f"{bert_dir} has {bert.config.num_hidden_layers} layers, the model needs {needed}")
+
+def read_folder_weights(folder):
+    """(path, state dict) of the folder's model.safetensors or pytorch_model.bin, on the CPU."""
+    for name in WEIGHT_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            try:
+                if name.endswith(".safetensors"):
+                    from safetensors.torch import load_file  # installed with transformers
+
+                    state = load_file(path)
+                else:
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:  # a truncated or foreign file: name it, no traceback
+                fail(f"{path}: cannot be read as weights ({error.__class__.__name__}: {str(error)[:200]})")
+            if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+                fail(f"{path}: not a state dict of tensors")
+            return path, state
+    fail(f"{folder}: no weights file ({' or '.join(WEIGHT_FILES)})")
+
+
+# the text widths a BERT config.json sets (spec §1.3); its layers are split into text + fusion layers
+BERT_WIDTHS = ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings")
+
+
+def config_for_bert(config, bert_dir, text_layers=None):
+    """`config` with the text side of bert_dir/config.json: its widths, and its layers split into
+    `text_layers` text layers and the rest fusion layers (default half and half, as BERT-base's 6 + 6 in the
+    paper, spec §1.3, §1.4). The Swin side, dropout and init stay the preset's."""
+    bert = read_folder_config(bert_dir, "--bert")
+    path = os.path.join(bert_dir, "config.json")
+    keys = BERT_WIDTHS + ("num_hidden_layers",)
+    absent = [key for key in keys if not isinstance(bert.get(key), int) or bert[key] < 1]
+    if absent:
+        fail(f"{path}: no positive integer {', '.join(absent)}: not a BERT config")
+    for key, ours in (("hidden_act", "gelu"), ("layer_norm_eps", 1e-12), ("position_embedding_type", "absolute")):
+        if bert.get(key, ours) != ours:
+            fail(f"{path}: {key} {bert[key]!r}; the text encoder is BERT's with {key} {ours!r} (spec §1.3)")
+    if bert["hidden_size"] % bert["num_attention_heads"]:
+        fail(f"{path}: hidden_size {bert['hidden_size']} is not a multiple of num_attention_heads "
+             f"{bert['num_attention_heads']}")
+    layers = bert["num_hidden_layers"]
+    text_layers = layers // 2 if text_layers is None else text_layers
+    if not 0 < text_layers < layers:
+        fail(f"{path}: {layers} layers cannot be split into {text_layers} text layers and at least one fusion layer")
+    return replace(config, **{key: bert[key] for key in BERT_WIDTHS},
+                   num_text_layers=text_layers, num_cross_layers=layers - text_layers)
+
+
+def bert_key(key):
+    """A BERT file's key in our text encoder's names: BertModel saves without the 'bert.' prefix, old TF
+    conversions name LayerNorm's weight and bias gamma and beta."""
+    key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+    return "bert." + key if key.startswith(("embeddings.", "encoder.")) else key
+
+
+def load_bert(model, bert_dir):
+    """Fill the text encoder from a BERT folder as transformers' save_pretrained writes it (config.json +
+    model.safetensors or pytorch_model.bin; BertModel or BertForMaskedLM keys): the embeddings, BERT layer i
+    into our layer i (the text layers, then the self-attention and FFN of the fusion layers) and the MLM head
+    (spec §1.3, §1.4). Build the model with config_for_bert(config, bert_dir). Every encoder tensor must come
+    from the file; a file without the MLM head leaves it fresh; the cross-attention always starts fresh."""
+    read_folder_config(bert_dir, "--bert")
+    path, state = read_folder_weights(bert_dir)
+    state = {bert_key(k): v for k, v in state.items()}
     own = model.text_encoder.state_dict()
-    wanted = {k: v for k, v in bert.state_dict().items()
-              if k in own and not k.startswith("cls.predictions.decoder.")}  # decoder is tied
-    wanted["cls.predictions.decoder.weight"] = wanted["bert.embeddings.word_embeddings.weight"]
-    wanted["cls.predictions.decoder.bias"] = wanted["cls.predictions.bias"]
-    fresh = {k: v for k, v in own.items() if ".crossattention." in k}
-    loaded = load_into(model.text_encoder, {**fresh, **wanted}, f"BERT weights from {bert_dir}")
-    print(f"load_bert: {loaded - len(fresh)} tensors from {bert_dir}; "
-          f"{len(fresh)} cross-attention tensors keep their fresh init")
+    encoder = [k for k in own if k.startswith("bert.") and ".crossattention." not in k]
+    head = [k for k in own if k.startswith("cls.predictions.") and ".decoder." not in k]  # decoder is tied
+    missing = [k for k in encoder if k not in state]
+    if missing:
+        fail(f"{path}: {len(missing)} of the {len(encoder)} text-encoder tensors are missing (e.g. "
+             f"{', '.join(missing[:3])}): not the weights of the BERT its config.json describes")
+    wanted = encoder + (head if all(k in state for k in head) else [])
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wanted if state[k].shape != own[k].shape]
+    if shapes:
+        fail(f"{path}: {len(shapes)} tensors have other shapes than the model built from config.json and the "
+             f"tokenizer (e.g. {', '.join(shapes[:3])})")
+    model.text_encoder.load_state_dict({k: state[k] for k in wanted}, strict=False)
+    fresh = sum(".crossattention." in k for k in own)
+    print(f"load_bert: {len(wanted)} tensors from {path}; {fresh} cross-attention tensors keep their fresh init")
+    if len(wanted) == len(encoder):
+        print(f"load_bert: {path} has no MLM head (cls.predictions): it starts fresh")
 
 
 def geometric_coordinates(src, dst):
@@ -633,18 +716,65 @@ def resize_relative_position_bias_table(table, dst):
     return out.reshape(-1, dst * dst).t().contiguous().to(table.dtype)  # (dst², nH)
 
 
+# transformers' SwinModel block names -> the official ones (spec §8.3); query/key/value are fused into qkv
+SWIN_BLOCK_NAMES = {"layernorm_before.": "norm1.", "attention.output.dense.": "attn.proj.",
+                    "attention.self.relative_position_bias_table": "attn.relative_position_bias_table",
+                    "layernorm_after.": "norm2.", "intermediate.dense.": "mlp.fc1.", "output.dense.": "mlp.fc2."}
+
+
+def swin_from_transformers(state):
+    """A transformers SwinModel (or SwinFor*: 'swin.' prefix) state dict in the official key names (spec §8.3)."""
+    renamed, qkv = {}, {}
+    for key, value in state.items():
+        key = key.removeprefix("swin.")
+        for old, new in (("embeddings.patch_embeddings.projection.", "patch_embed.proj."),
+                         ("embeddings.norm.", "patch_embed.norm."), ("encoder.layers.", "layers."),
+                         ("layernorm.", "norm.")):
+            if key.startswith(old):
+                key = new + key[len(old):]
+        stage, dot, rest = key.partition(".blocks.")
+        if dot:
+            block, _, name = rest.partition(".")
+            if name.startswith(("attention.self.query.", "attention.self.key.", "attention.self.value.")):
+                part, kind = name.split(".")[2:]
+                qkv.setdefault(f"{stage}.blocks.{block}.attn.qkv.{kind}", {})[part] = value
+                continue
+            for old, new in SWIN_BLOCK_NAMES.items():
+                if name.startswith(old):
+                    key = f"{stage}.blocks.{block}.{new}{name[len(old):]}"
+                    break
+        renamed[key] = value
+    for key, parts in qkv.items():  # rows: q, k, v (spec §8.2)
+        if len(parts) == 3:
+            renamed[key] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    return renamed
+
+
 def load_swin(model, path):
-    """Load Microsoft's ImageNet Swin .pth ({'model': state_dict}) into model.vision_encoder (spec §1.2):
-    drop head.* and the recomputed buffers, resize every bias table to this geometry, strict otherwise."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("model", state)
+    """Load ImageNet Swin weights into model.vision_encoder (spec §1.2): Microsoft's .pth ({'model':
+    state_dict}) or a transformers SwinModel folder (config.json + weights, names mapped as spec §8.3).
+    Drops the classifier and the recomputed buffers, resizes every bias table to this geometry, strict otherwise."""
+    if os.path.isdir(path):
+        read_folder_config(path, "--swin")
+        path, state = read_folder_weights(path)
+        state = swin_from_transformers(state)
+    else:
+        if not os.path.isfile(path):
+            fail(f"--swin {path}: no such file or folder")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a truncated or foreign file: name it, no traceback
+            fail(f"{path}: cannot be read as Swin weights ({error.__class__.__name__}: {str(error)[:200]})")
+        state = state.get("model", state) if isinstance(state, dict) else None
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            fail(f"{path}: not a Swin state dict (or {{'model': state dict}}) of tensors")
     own = model.vision_encoder.state_dict()
     skipped, kept = Counter(), {}
     for key, value in state.items():
-        if key.startswith("head."):
-            skipped["ImageNet classifier head.*"] += 1
-        elif "relative_position_index" in key or "attn_mask" in key:
-            skipped["recomputed buffers (relative_position_index, attn_mask)"] += 1
+        if key.startswith(("head.", "classifier.")):
+            skipped["ImageNet classifier dropped"] += 1
+        elif "relative_position_index" in key or "attn_mask" in key or key == "embeddings.mask_token":
+            skipped["recomputed buffers (relative_position_index, attn_mask) dropped"] += 1
         else:
             if key.endswith("relative_position_bias_table") and key in own and value.shape != own[key].shape:
                 skipped["bias tables resized (not skipped)"] += 1
@@ -662,12 +792,12 @@ TIED = {"text_encoder.cls.predictions.decoder.weight": "text_encoder.bert.embedd
         "text_encoder.cls.predictions.decoder.bias": "text_encoder.cls.predictions.bias"}
 
 
-def load_state(model, state):
+def load_state(model, state, name="checkpoint"):
     """Load our checkpoint, an official APTM one ({'model': sd, 'config': yaml dict}) or a bare state dict.
 
     Renames the old `text_encoder.` prefix to `text_encoder.bert.` (spec §5.3), drops the recomputed
-    buffers, prints one line per category of skipped or changed key, raises ValueError naming the keys
-    on any other mismatch. Returns {category: count}.
+    buffers, prints one line per category of skipped or changed key, fails with one line naming `name` and
+    the keys on any other mismatch. Returns {category: count}.
     """
     state_dict = state["model"] if isinstance(state.get("model"), dict) else state
     report, kept = Counter(), {}
@@ -688,25 +818,73 @@ def load_state(model, state):
         if tied not in kept and source in kept:
             kept[tied] = kept[source]
             report["tied MLM decoder filled from its source"] += 1
-    report["tensors loaded"] = load_into(model, kept, "checkpoint")
+    report["tensors loaded"] = load_into(model, kept, name)
     for what, count in report.items():
         print(f"load_state: {what}: {count}")
     return dict(report)
 
 
-def build_from_checkpoint(ckpt):
+def official_config(state_dict, saved, name="checkpoint"):
+    """The APTMConfig of an official checkpoint. Its yaml config names the Swin and BERT JSON files
+    (vision_config, text_config) but does not hold their contents, so the sizes come from the tensors'
+    shapes (spec §8.2): Swin width, patch, depths, heads per stage (bias-table columns), window (stage-0
+    table), MLP ratio; BERT vocabulary, width, FFN, positions, text and fusion layers (those with
+    crossattention), heads = aptm-base's at its width, else width / 64 (every released BERT's head width);
+    the projection width. The image size comes from the yaml's h and w, max_tokens from the yaml, the rest
+    from aptm-base."""
+    sd = {k.removeprefix("module.").replace("text_encoder.encoder.", "text_encoder.bert.encoder.")
+          .replace("text_encoder.embeddings.", "text_encoder.bert.embeddings."): v for k, v in state_dict.items()}
+    swin, bert = "vision_encoder.", "text_encoder.bert."
+    needed = [swin + "patch_embed.proj.weight", swin + "layers.0.blocks.0.attn.relative_position_bias_table",
+              swin + "layers.0.blocks.0.mlp.fc1.weight", bert + "embeddings.word_embeddings.weight",
+              bert + "embeddings.position_embeddings.weight", bert + "encoder.layer.0.intermediate.dense.weight",
+              "vision_proj.weight"]
+    absent = [key for key in needed if key not in sd]
+    if absent:
+        fail(f"{name}: not an APTM state dict (no {', '.join(absent[:3])})")
+
+    def count(key):  # consecutive indices i = 0, 1, ... with key.format(i) in the state dict
+        i = 0
+        while key.format(i) in sd:
+            i += 1
+        return i
+
+    stages = count(swin + "layers.{}.blocks.0.norm1.weight")
+    depths = tuple(count(f"{swin}layers.{i}.blocks.{{}}.norm1.weight") for i in range(stages))
+    heads = tuple(sd[f"{swin}layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1] for i in range(stages))
+    layers = count(bert + "encoder.layer.{}.attention.self.query.weight")
+    cross = sum(f"{bert}encoder.layer.{i}.crossattention.self.query.weight" in sd for i in range(layers))
+    base = CONFIGS["aptm-base"]
+    proj = sd[swin + "patch_embed.proj.weight"]  # (C, 3, patch, patch)
+    vocab, width = sd[bert + "embeddings.word_embeddings.weight"].shape
+    text_heads = base.num_attention_heads if width == base.hidden_size else max(1, width // 64)
+    sizes = dict(
+        swin_dim=proj.shape[0], patch_size=proj.shape[-1], depths=depths, num_heads=heads,
+        window_size=(math.isqrt(sd[swin + "layers.0.blocks.0.attn.relative_position_bias_table"].shape[0]) + 1) // 2,
+        mlp_ratio=sd[swin + "layers.0.blocks.0.mlp.fc1.weight"].shape[0] / proj.shape[0],
+        vocab_size=vocab, hidden_size=width, num_attention_heads=text_heads,
+        intermediate_size=sd[bert + "encoder.layer.0.intermediate.dense.weight"].shape[0],
+        max_position_embeddings=sd[bert + "embeddings.position_embeddings.weight"].shape[0],
+        num_text_layers=layers - cross, num_cross_layers=cross,
+        embed_dim=sd["vision_proj.weight"].shape[0],
+    )
+    if isinstance(saved, dict) and "h" in saved and "w" in saved:
+        sizes["image_size"] = (saved["h"], saved["w"])
+    if isinstance(saved, dict) and "max_tokens" in saved:  # e.g. 15 for PA-100K (spec §3.2)
+        sizes["max_tokens"] = saved["max_tokens"]
+    return replace(base, **sizes)
+
+
+def build_from_checkpoint(ckpt, name="checkpoint"):
     """Rebuild a model from a checkpoint dict alone: ours (ckpt['config'] = asdict(APTMConfig)) or an
-    official release (aptm-base, vocabulary size read from the word embeddings)."""
+    official release (sizes from official_config). `name` (the file) is named in any error."""
     saved = ckpt.get("config")
     names = {f.name for f in fields(APTMConfig)}
     if isinstance(saved, dict) and saved and set(saved) <= names:
         config = APTMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     else:
         state_dict = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
-        words = next(v for k, v in state_dict.items() if k.endswith("embeddings.word_embeddings.weight"))
-        config = replace(CONFIGS["aptm-base"], vocab_size=words.shape[0])
-        if isinstance(saved, dict) and "max_tokens" in saved:  # e.g. 15 for PA-100K (spec §3.2)
-            config = replace(config, max_tokens=saved["max_tokens"])
+        config = official_config(state_dict, saved, name)
     model = APTM(config)
-    load_state(model, ckpt)
+    load_state(model, ckpt, name)
     return model

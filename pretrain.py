@@ -32,7 +32,7 @@ from data import (NORMALIZATION, PretrainDataset, Tokenizer, check_images, fail,
                   read_mals, synthetic_world, train_transform)
 from evaluate import evaluate_retrieval
 from losses import itc_loss, itm_loss, mlm_loss, pretrain_objective, sample_hard_negatives
-from model import APTM, CONFIGS, load_bert, load_swin, optimizer_groups
+from model import APTM, CONFIGS, config_for_bert, load_bert, load_swin, optimizer_groups
 
 # Data-loader processes: on a GPU machine they decode, augment and mask while the GPU computes; on a CPU they
 # would take the cores the model's threads spin on (measured: 10-30x slower steps), so there the main process
@@ -65,8 +65,12 @@ def get_args(argv=None):
                         help="the synthetic world: used as it is if there, made with the defaults if not")
     # model
     parser.add_argument("--preset", default="tiny", choices=sorted(CONFIGS), help="model size (model.py)")
-    parser.add_argument("--bert", help="bert-base-uncased folder: text weights and vocabulary (spec §1.3)")
-    parser.add_argument("--swin", help="swin_base_patch4_window7_224_22k.pth (spec §1.2)")
+    parser.add_argument("--bert", help="BERT folder (e.g. bert-base-uncased): text widths, weights and vocabulary "
+                        "(spec §1.3)")
+    parser.add_argument("--text-layers", type=int, help="with --bert: its first N layers are the text encoder, the "
+                        "rest the fusion layers; default half (paper 6 of 12)")
+    parser.add_argument("--swin", help="swin_base_patch4_window7_224_22k.pth or a transformers SwinModel folder "
+                        "(spec §1.2)")
     # optimisation (spec §5)
     parser.add_argument("--epochs", type=int, help="paper 32; tiny 7")
     parser.add_argument("--batch-size", type=int, help="per process; paper 150 on each of 4 GPUs; tiny 48")
@@ -428,6 +432,8 @@ def build_tokenizer(args, corpus):
 
 def build_model(args, tokenizer):
     config = CONFIGS[args.preset]
+    if args.bert:
+        config = config_for_bert(config, args.bert, args.text_layers)
     config = type(config)(**{**asdict(config), "vocab_size": tokenizer.vocab_size})
     model = APTM(config)
     if args.bert:
