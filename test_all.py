@@ -2047,3 +2047,181 @@ def test_flop_counter_by_hand():
     assert round(bench.text_macs(base, 56) / 1e9, 1) == 2.4
     assert round(bench.cross_macs(base, 56) / 1e9, 1) == 3.3
     assert bench.image_tokens(base) == 49
+
+
+# ---------------------------------------------------------------------------------------------- issue 16: real weights
+# Folders as transformers' save_pretrained writes them (random tiny models, offline): a BERT of a width no preset
+# has with tokenizer.json only, SwinModel folders, one official-format checkpoint of a non-base size, and one
+# error line for every folder that is not one.
+
+BERT_WORDS = ["man", "woman", "walk", "##ing", "red", "shirt", "black", "bag", "with", "the", "in", "of", "and"]
+
+
+@pytest.fixture(scope="module")
+def bert48(tmp_path_factory):
+    """A 3-layer BERT of width 48 (3 heads) without MLM head, tokenizer.json and no vocab.txt (as transformers 5
+    saves a tokenizer, and as many hub folders ship)."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("bert48")
+    letters = list("abcdefghijklmnopqrstuvwxyz.,'")
+    vocab = data.SPECIAL_TOKENS + letters + ["##" + c for c in letters[:26]] + BERT_WORDS
+    BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(folder)
+    if (folder / "vocab.txt").exists():
+        (folder / "vocab.txt").unlink()
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=48, num_attention_heads=3, num_hidden_layers=3,
+                         intermediate_size=96, max_position_embeddings=64)).save_pretrained(folder)
+    assert (folder / "tokenizer.json").exists() and not (folder / "vocab.txt").exists()
+    return folder
+
+
+def test_bert_folder_of_any_width_with_tokenizer_json(bert48, capsys):
+    """Spec §1.3: tokens are transformers' minus [SEP]; the text encoder equals BertModel; widths from config.json."""
+    from transformers import BertModel, BertTokenizer
+
+    tokenizer = data.Tokenizer.from_bert_dir(str(bert48))
+    texts = ["A man walking with a red shirt", "the WOMAN in black, and a bag", "xyzzy"]
+    reference = BertTokenizer.from_pretrained(bert48, local_files_only=True)(texts)["input_ids"]
+    ids, atts = tokenizer(texts, 32, padding="longest")
+    for row, mask, expected in zip(ids.tolist(), atts.tolist(), reference):
+        assert expected[-1] == reference[0][-1]  # transformers ends with [SEP]; we do not (spec §1.3)
+        assert row[:sum(mask)] == expected[:-1]
+    config = M.config_for_bert(CONFIGS["tiny"], str(bert48))
+    assert (config.hidden_size, config.num_attention_heads, config.intermediate_size) == (48, 3, 96)
+    assert (config.num_text_layers, config.num_cross_layers, config.vocab_size) == (1, 2, tokenizer.vocab_size)
+    model = APTM(config).eval()
+    load_bert(model, str(bert48))
+    printed = capsys.readouterr().out
+    assert "no MLM head" in printed and "starts fresh" in printed
+    bert = BertModel.from_pretrained(bert48, local_files_only=True).eval()
+    with torch.no_grad():
+        hidden = bert(ids, attention_mask=atts, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(model.encode_text(ids, atts), hidden[1], atol=1e-5, rtol=1e-5)
+    ours, theirs = model.text_encoder.bert.encoder.layer[2].state_dict(), bert.encoder.layer[2].state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in theirs.items())  # fusion layer 2 = BERT layer 2
+    assert M.config_for_bert(CONFIGS["tiny"], str(bert48), text_layers=2).num_cross_layers == 1
+
+
+def test_pretrain_with_a_bert_folder(bert48, world, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: with more threads on a busy CPU, OpenMP spin-waits cost ~50x (measured)
+    try:
+        pretrain.main(run_args(world, tmp_path, "--bert", str(bert48), "--text-layers", "2", "--max-steps", "1",
+                               "--val-dataset", "none"))
+    finally:
+        torch.set_num_threads(threads)
+    config = torch.load(tmp_path / "ckpt.pt", weights_only=False)["config"]
+    assert (config["hidden_size"], config["num_text_layers"], config["num_cross_layers"]) == (48, 2, 1)
+    assert config["swin_dim"] == CONFIGS["tiny"].swin_dim
+
+
+SWIN_HF = dict(image_size=224, patch_size=4, embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 1, 2, 2], window_size=7,
+               drop_path_rate=0.0, layer_norm_eps=1e-5)
+SWIN_224 = replace(CONFIGS["tiny"], image_size=(224, 224), swin_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2),
+                   window_size=7, vocab_size=50)
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_swin_transformers_folder(tmp_path, capsys, head):
+    """A SwinModel (or SwinForImageClassification, 'swin.' prefix + classifier) folder at 224x224, window 7: our
+    image tokens equal transformers' [pooler; last_hidden_state] (spec §1.2, §8.3)."""
+    from transformers import SwinConfig, SwinForImageClassification, SwinModel
+
+    torch.manual_seed(0)
+    hf = (SwinForImageClassification if head else SwinModel)(SwinConfig(**SWIN_HF, num_labels=5)).eval()
+    hf.save_pretrained(tmp_path)
+    model = APTM(SWIN_224).eval()
+    load_swin(model, str(tmp_path))
+    loaded = len(model.vision_encoder.state_dict())  # 151 file tensors, query/key/value fused into qkv
+    assert f"load_swin: {loaded} tensors from {tmp_path / 'model.safetensors'}" in capsys.readouterr().out
+    images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = (hf.swin if head else hf)(images)
+        expected = torch.cat([out.pooler_output[:, None], out.last_hidden_state], dim=1)
+        torch.testing.assert_close(model.encode_image(images), expected, atol=1e-5, rtol=1e-5)
+
+
+def bad_folder(tmp_path, case, bert48):
+    """A folder that is not the BERT or Swin it claims to be, and the fragment its error line must hold."""
+    from transformers import BertConfig, BertModel, SwinConfig, SwinModel
+
+    folder = tmp_path / case
+    folder.mkdir()
+    if case != "empty":
+        (folder / "tokenizer.json").write_text((bert48 / "tokenizer.json").read_text())
+        (folder / "config.json").write_text((bert48 / "config.json").read_text())
+    if case == "broken config.json":
+        (folder / "config.json").write_text('{"hidden_size": 48,')
+        return folder, "config.json: not valid JSON"
+    if case == "other widths":  # config.json of width 48 over the weights of a width-32 BERT
+        vocab_size = json.loads((bert48 / "config.json").read_text())["vocab_size"]
+        BertModel(BertConfig(vocab_size=vocab_size, hidden_size=32, num_attention_heads=2, num_hidden_layers=3,
+                             intermediate_size=96, max_position_embeddings=64)).save_pretrained(tmp_path / "w32")
+        (folder / "model.safetensors").write_bytes((tmp_path / "w32" / "model.safetensors").read_bytes())
+        return folder, "tensors have other shapes"
+    if case == "other model":  # BERT config.json over a Swin's weights: transformers would load it all MISSING
+        SwinModel(SwinConfig(**SWIN_HF)).save_pretrained(tmp_path / "swin")
+        (folder / "model.safetensors").write_bytes((tmp_path / "swin" / "model.safetensors").read_bytes())
+        return folder, "text-encoder tensors are missing"
+    return folder, {"empty": "neither vocab.txt nor tokenizer.json", "no weights": "no weights file"}[case]
+
+
+@pytest.mark.parametrize("case", ["empty", "broken config.json", "no weights", "other widths", "other model"])
+def test_bad_bert_folders_fail_in_one_line(case, bert48, tmp_path, capsys):
+    folder, fragment = bad_folder(tmp_path, case, bert48)
+    capsys.readouterr()  # save_pretrained's progress bar
+
+    def build():  # what pretrain.py --bert DIR does
+        tokenizer = data.Tokenizer.from_bert_dir(str(folder))
+        config = replace(M.config_for_bert(CONFIGS["tiny"], str(folder)), vocab_size=tokenizer.vocab_size)
+        load_bert(APTM(config), str(folder))
+
+    err = expect_exit(capsys, fragment, build)
+    assert err.count("\n") == 1 and str(folder) in err
+
+
+def test_bad_folder_through_pretrain_main(bert48, world, tmp_path, capsys):
+    """The worst case end to end: BERT config.json over another model's weights stops pretrain.py in one line
+    naming the weights file (transformers itself would load it with every tensor MISSING and train on noise)."""
+    folder, fragment = bad_folder(tmp_path, "other model", bert48)
+    capsys.readouterr()
+    err = expect_exit(capsys, fragment, pretrain.main, run_args(world, tmp_path / "out", "--bert", str(folder)))
+    assert err.count("\n") == 1 and "model.safetensors" in err
+
+
+def test_bad_swin_folders_fail_in_one_line(tmp_path, capsys):
+    from transformers import SwinConfig, SwinModel
+
+    expect_exit(capsys, "config.json: not found", load_swin, small_model(), str(tmp_path))
+    SwinModel(SwinConfig(**SWIN_HF)).save_pretrained(tmp_path)  # widths 16..128, the model's 32..128
+    capsys.readouterr()
+    err = expect_exit(capsys, "shape mismatch", load_swin, small_model(), str(tmp_path))
+    assert err.count("\n") == 1 and "model.safetensors" in err
+
+
+def test_official_checkpoint_of_a_small_size(bert48, tmp_path):
+    """An official-format checkpoint (old text_encoder. prefix, buffers, yaml config naming its JSON files) of a
+    small Swin and a 4-layer BERT rebuilds at its own size on evaluate.py --ckpt's path (spec §5.3, §8)."""
+    tokenizer = data.Tokenizer.from_bert_dir(str(bert48))
+    config = replace(CONFIGS["aptm-base"], image_size=(64, 32), swin_dim=16, depths=(2, 2), num_heads=(1, 2),
+                     window_size=4, hidden_size=128, num_attention_heads=2, num_text_layers=2, num_cross_layers=2,
+                     intermediate_size=64, max_position_embeddings=64, embed_dim=32, vocab_size=tokenizer.vocab_size,
+                     max_tokens=20)
+    source = small_model(3, config).eval()
+    yaml = {"vision_config": "configs/config_swinT_384.json", "text_config": "configs/config_bert.json",
+            "image_res": 64, "h": 64, "w": 32, "embed_dim": 32, "max_tokens": 20, "batch_size_train": 120}
+    path = str(tmp_path / "checkpoint_best.pth")
+    torch.save({"model": official_state_dict(source, old_prefix=True), "config": yaml}, path)
+    model, _ = evaluate.load_model_and_tokenizer(path, str(bert48), torch.device("cpu"))
+    assert model.config == config
+    ids, atts = tokenizer(["a man walking", "a woman with a red bag"], 20)
+    images = images_for(config, B=2)
+
+    def features(net):
+        image_embeds, text_embeds = net.encode_image(images), net.encode_text(ids, atts)
+        return net.image_feat(image_embeds), net.text_feat(text_embeds), net.itm_logits(text_embeds, atts, image_embeds)
+
+    with torch.no_grad():
+        for ours, theirs in zip(features(model), features(source)):
+            torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
