@@ -27,8 +27,10 @@ import json
 import torch
 
 import losses
-from data import (NORMALIZATION, AttributeDataset, ImageDataset, fail, load_image, mask_tokens, read_attributes,
-                  synthetic_world, test_transform, train_transform)
+from data import (NORMALIZATION, AttributeDataset, ImageDataset, fail, load_image, load_model_and_tokenizer, mask_tokens,
+                  read_attributes, test_transform, train_transform)
+from model import autocast_for
+from synthetic import synthetic_world
 
 # ---------------------------------------------------------------------------------------------------
 # Prompt tables (verbatim from the official code, spec §3.1 [trains.py: train_attr] and
@@ -326,8 +328,6 @@ def encode_prompts(model, tokenizer, prompts, max_tokens):
 def evaluate_attributes(model, tokenizer, entries, table, normalization, batch_size=128, workers=2):
     """Predict every image's attributes (spec §3.3) and score them (spec §3.4, plus the pair-score AUC)
     → (metrics, per-attribute {"mA", "AUC"})."""
-    from evaluate import autocast_for
-
     device = next(model.parameters()).device
     model.eval()
     prompts = PROMPT_TABLES[table]
@@ -424,8 +424,6 @@ def get_args(argv=None):
 
 
 def main(argv=None):
-    from evaluate import autocast_for, load_model_and_tokenizer
-
     args = get_args(argv)
     device = torch.device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.ckpt, args.bert, device)

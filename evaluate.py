@@ -30,7 +30,6 @@ import json
 import os
 import textwrap
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -40,7 +39,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
-from model import build_from_checkpoint
+import synthetic
+from model import amp_dtype, autocast_for
 
 FUSION_MODES = ("aptm", "aptm4", "itm", "itc")
 ITC_WEIGHT = 0.002         # weight of minmax(S) in the fused score [reTools.py: evaluation], spec §6.2
@@ -136,18 +136,6 @@ def fuse_scores(sim, topk_idx, itm, mode="aptm"):
 # -----------------------------------------------------------------------------
 # Features and re-ranking (spec §6.1, §6.2)
 
-def amp_dtype(device):
-    """bf16 on CUDA (fp16 where bf16 is missing); None (fp32) elsewhere."""
-    if torch.device(device).type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def autocast_for(device):
-    dtype = amp_dtype(device)
-    return torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
-
-
 @torch.inference_mode()
 def encode_images(model, image_paths, device, image_size, normalization, batch_size=64, num_workers=None,
                   progress=True):
@@ -200,7 +188,7 @@ def itm_rerank(model, text_embeds, text_atts, image_embeds, topk_idx, pair_batch
     All Q·k pairs form one list processed `pair_batch` at a time, so one forward covers many queries.
     Our speed-ups, which leave each logit unchanged: queries are visited in order of text length and each
     batch is cut to its longest text (padded keys are masked, so [CLS] does not see them); when the model
-    offers `cross_kv`, every image's cross-attention keys/values are computed once, not once per pair.
+    computes every image's cross-attention keys/values once (`cross_kv`), not once per pair.
     """
     device = text_embeds.device
     num_queries, k = topk_idx.shape
@@ -209,9 +197,8 @@ def itm_rerank(model, text_embeds, text_atts, image_embeds, topk_idx, pair_batch
     query_idx = order.repeat_interleave(k)  # (Q·k,)
     image_idx = topk_idx[order].reshape(-1)  # (Q·k,)
     slots = (order[:, None] * k + torch.arange(k, device=device)).reshape(-1)  # (Q·k,) place in itm
-    use_kv = hasattr(model, "cross_kv")
     with autocast_for(device):
-        image_kv = model.cross_kv(image_embeds) if use_kv else None
+        image_kv = model.cross_kv(image_embeds)
     itm = torch.empty(num_queries * k, device=device)  # (Q·k,)
     starts = range(0, num_queries * k, pair_batch)
     for start in tqdm(starts, desc="itm", disable=not progress, leave=False):
@@ -219,11 +206,8 @@ def itm_rerank(model, text_embeds, text_atts, image_embeds, topk_idx, pair_batch
         q, g = query_idx[pairs], image_idx[pairs]  # (P,), (P,)
         length = int(lengths[q].max())
         with autocast_for(device):
-            if use_kv:
-                logits = model.itm_logits(text_embeds[q, :length], text_atts[q, :length],
-                                          image_kv=_take(image_kv, g))  # (P, 2)
-            else:
-                logits = model.itm_logits(text_embeds[q, :length], text_atts[q, :length], image_embeds[g])
+            logits = model.itm_logits(text_embeds[q, :length], text_atts[q, :length],
+                                      image_kv=_take(image_kv, g))  # (P, 2)
         itm[slots[pairs]] = logits[:, 1].float()  # raw match logit, spec §6.2
     return itm.view(num_queries, k)
 
@@ -375,24 +359,6 @@ def parse_args(argv=None):
     return args
 
 
-def load_model_and_tokenizer(ckpt_path, bert_dir, device):
-    """Rebuild the model and its tokenizer from a checkpoint alone (DESIGN.md §3); official checkpoints
-    carry no tokenizer, so theirs comes from --bert."""
-    ckpt = data.read_checkpoint(ckpt_path)
-    if ckpt.get("tokenizer") is not None:
-        tokenizer = data.Tokenizer.from_state(ckpt["tokenizer"])
-    elif bert_dir is not None:
-        tokenizer = data.Tokenizer.from_bert_dir(bert_dir)
-    else:
-        data.fail(f"{ckpt_path} has no tokenizer (an official APTM checkpoint?): pass --bert DIR, a "
-                  "BERT folder with vocab.txt or tokenizer.json")
-    model = build_from_checkpoint(ckpt, ckpt_path).to(device).eval()
-    if tokenizer.vocab_size != model.config.vocab_size:
-        data.fail(f"{ckpt_path}: the model has {model.config.vocab_size} word embeddings but the vocabulary has "
-                  f"{tokenizer.vocab_size} entries")
-    return model, tokenizer
-
-
 def run_search(args, model, tokenizer, device, normalization):
     """Rank a gallery for one query with the evaluation's two-stage scoring; print and draw the top."""
     if args.images is not None:
@@ -429,8 +395,10 @@ def run_search(args, model, tokenizer, device, normalization):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.dataset == "synthetic" and args.images is None:
+        synthetic.synthetic_world(args.data_root or "data/synthetic")  # generated with the defaults if missing
     device = torch.device(args.device)
-    model, tokenizer = load_model_and_tokenizer(args.ckpt, args.bert, device)
+    model, tokenizer = data.load_model_and_tokenizer(args.ckpt, args.bert, device)
     normalization = data.NORMALIZATION[args.dataset]
     if args.query is not None or args.query_index is not None:
         run_search(args, model, tokenizer, device, normalization)

@@ -20,9 +20,10 @@ from dataclasses import asdict
 
 import torch
 
-from data import (NORMALIZATION, FinetuneDataset, Tokenizer, check_images, fail, load_retrieval, read_checkpoint,
-                  synthetic_world, train_transform)
-from evaluate import evaluate_retrieval, load_model_and_tokenizer
+from data import (NORMALIZATION, FinetuneDataset, Tokenizer, check_images, fail, load_model_and_tokenizer,
+                  load_retrieval, read_checkpoint, train_transform)
+from evaluate import evaluate_retrieval
+from synthetic import synthetic_world
 from losses import finetune_objective, mlm_loss
 from model import APTM, CONFIGS, config_for_bert, load_bert
 from pretrain import (DEFAULT_WORKERS, UNIFORM_NEGATIVES_HELP, cleanup_distributed, fill_preset_defaults, init_run,

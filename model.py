@@ -21,7 +21,9 @@ H x W Swin stage grid, w window side, T = w*w tokens per window, nW windows per 
 import json
 import math
 import os
+import sys
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -38,7 +40,6 @@ from transformers.models.bert.modeling_bert import (
     BertSelfOutput,
 )
 
-from data import fail
 
 
 @dataclass
@@ -508,15 +509,18 @@ def double_lr_prefixes(config, double_lr):
     raise ValueError(f"double_lr must be 'cross', 'finetune' or 'none', got {double_lr!r}")
 
 
+ADAMW_BETAS, ADAMW_EPS = (0.9, 0.98), 1e-8  # spec §5.1 [optim.py]
+
+
 def optimizer_groups(model, weight_decay=0.01, lr=1e-4, lr_mult=2.0, double_lr="cross"):
     """Four AdamW groups: (decay, lr), (no decay, lr), (decay, lr_mult*lr), (no decay, lr_mult*lr).
 
-    Each group also carries "lr_mult" (1 or lr_mult) so a schedule can set lr = get_lr(step) * lr_mult.
-    Pass the unwrapped model (no DDP "module." prefix). Tied tensors appear once, under their first name
-    (the MLM decoder weight under word_embeddings, so it gets the base lr, spec §5.1).
+    A schedule multiplies each group's own lr by get_lr(step). Pass the unwrapped model (no DDP "module."
+    prefix). Tied tensors appear once, under their first name (the MLM decoder weight under word_embeddings,
+    so it gets the base lr, spec §5.1).
     """
     fast = double_lr_prefixes(model.config, double_lr)
-    groups = [dict(params=[], weight_decay=wd, lr=lr * mult, lr_mult=mult)
+    groups = [dict(params=[], weight_decay=wd, lr=lr * mult)
               for mult in (1.0, lr_mult) for wd in (weight_decay, 0.0)]
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -525,11 +529,31 @@ def optimizer_groups(model, weight_decay=0.01, lr=1e-4, lr_mult=2.0, double_lr="
     return groups
 
 
+def amp_dtype(device):
+    """The autocast dtype on `device`: bf16 on CUDA (fp16 where bf16 is missing); None (fp32) elsewhere."""
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast_for(device):
+    """Autocast at amp_dtype(device), or no autocast where that is fp32."""
+    dtype = amp_dtype(device)
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
+
+
 # ----------------------------------------------------------------------------------------------
 # Weight loading: BERT folders, Microsoft's Swin .pth and transformers' Swin folders, our and the official
-# APTM checkpoints. Every bad file or folder ends in one `error: ...` line naming it (data.fail, exit 2).
+# APTM checkpoints. Every bad file or folder ends in one `error: ...` line naming it (fail, exit 2).
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what transformers' save_pretrained writes
+
+
+def fail(message):
+    """Print `error: <message>` to stderr and exit with status 2 (bad input, never a traceback). It lives here,
+    in the file every other imports (data.py too), so that the loaders below can use it."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def load_into(module, state_dict, what):

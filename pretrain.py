@@ -29,10 +29,11 @@ from tqdm import tqdm
 
 from attributes import MALS_PROMPTS, PromptStream
 from data import (NORMALIZATION, PretrainDataset, Tokenizer, check_images, fail, load_retrieval, read_checkpoint,
-                  read_mals, synthetic_world, train_transform)
+                  read_mals, train_transform)
 from evaluate import evaluate_retrieval
 from losses import itc_loss, itm_loss, mlm_loss, pretrain_objective, sample_hard_negatives
 from model import APTM, CONFIGS, config_for_bert, load_bert, load_swin, optimizer_groups
+from synthetic import synthetic_world
 
 # Data-loader processes: on a GPU machine they decode, augment and mask while the GPU computes; on a CPU they
 # would take the cores the model's threads spin on (measured: 10-30x slower steps), so there the main process
