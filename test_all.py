@@ -1928,6 +1928,23 @@ def test_pretrain_smoke_and_exact_resume(world, tmp_path):
     assert len(log) == 4 and all(key in log[-1] for key in ("itc", "itm", "mlm", "iac", "iam", "mam", "total"))
 
 
+def test_finetune_exact_resume(world, tmp_path):
+    """finetune.py writes its own loop: there too N steps in one go equal N/2 steps + --resume + N/2 steps."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        finetune.main(run_args(world, tmp_path / "a", "--max-steps", "2", "--k-rerank", "4"))
+        finetune.main(run_args(world, tmp_path / "b", "--max-steps", "1", "--k-rerank", "4"))
+        finetune.main(["--resume", str(tmp_path / "b" / "ckpt.pt"), "--max-steps", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
 def test_uniform_negatives_for_the_first_part_of_the_run(world, tmp_path, monkeypatch):
     """--uniform-negatives 0.5: ITM negatives are uniform for the first half of the steps, hard after."""
     seen = []
