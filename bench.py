@@ -1,8 +1,8 @@
 """Speed and memory of minAPTM at paper scale: one training step and a CUHK-PEDES-sized evaluation (DESIGN.md §7).
 
 A benchmark, never a test: random images and token ids, random weights, the real code paths
-(pretrain.PretrainObjective, finetune.FinetuneObjective, model.optimizer_groups + AdamW as in pretrain.train,
-evaluate.evaluate_retrieval).
+(pretrain.PretrainObjective, finetune.FinetuneObjective, model.optimizer_groups + AdamW as in
+pretrain.make_optimizer, evaluate.evaluate_retrieval).
 
     python bench.py                                      # GPU: aptm-base, fine-tune @120, pre-train @150, eval
     python bench.py --modes bf16,bf16-compile --json out/bench.json
@@ -25,7 +25,7 @@ training step costs 3 × the forward (the backward computes gradients for inputs
 softmax, GELU, embedding look-ups, the losses and the optimizer are not counted. The work is counted as the code
 does it (each cross-encoder pair projects its image's keys/values itself; MLM runs the head at all M masked
 slots, padding included), not as it could be done. Spec §1.6: Swin-B@384×128 ≈ 15.2 GMACs, text encoder (L=56)
-≈ 2.4 GMACs, cross encoder per pair ≈ 3.3 GMACs (test_bench.py checks these).
+≈ 2.4 GMACs, cross encoder per pair ≈ 3.3 GMACs (test_all.py: test_flop_counter_by_hand).
 
 Shapes: B batch, L text tokens, N image tokens, Dv/Dt vision/text widths, M masked positions, V vocabulary,
 P prompts, Q queries, G gallery images.
@@ -48,9 +48,9 @@ from attributes import MALS_PROMPTS, prompt_targets
 from data import NORMALIZATION, SPECIAL_TOKENS, TestSet, Tokenizer, mask_tokens
 from evaluate import evaluate_retrieval
 from finetune import FinetuneObjective
-from losses import IAM_NUM_PROMPTS
-from model import APTM, CONFIGS, optimizer_groups
-from pretrain import PretrainObjective
+from losses import APL_WEIGHT, EDA_WEIGHT, IAM_NUM_PROMPTS
+from model import ADAMW_BETAS, ADAMW_EPS, APTM, CONFIGS, optimizer_groups
+from pretrain import PRESET_DEFAULTS, PretrainObjective
 
 MODES = ("fp32", "tf32", "bf16", "bf16-compile")
 
@@ -87,7 +87,7 @@ def get_args(argv=None):
     parser.add_argument("--steps", type=int, help="timed steps per mode (default 10; 2 with --smoke)")
     parser.add_argument("--warmup", type=int, help="untimed steps first, incl. compilation (default 3; 1 smoke)")
     parser.add_argument("--adam", default="foreach", choices=["foreach", "fused"],
-                        help="AdamW implementation; foreach is what pretrain.train uses")
+                        help="AdamW implementation; foreach is what the training scripts use")
     # evaluation (spec §6): CUHK-PEDES test split sizes, top-128 re-rank
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation benchmark")
     parser.add_argument("--eval-queries", type=int, help=f"default {CUHK_TEST['queries']} (CUHK-PEDES test)")
@@ -340,11 +340,12 @@ def bench_training(objective_name, model, tokenizer, args, device, peak_tflops):
     batch_size = args.batch_finetune if objective_name == "finetune" else args.batch_pretrain
     batch = random_batch(objective_name, config, tokenizer, batch_size, device, args.seed)
     if objective_name == "finetune":
-        objective, double_lr = FinetuneObjective(model, eda_weight=0.8, uniform_negatives=0.0), "finetune"
+        objective, double_lr = FinetuneObjective(model, EDA_WEIGHT, uniform_negatives=0.0), "finetune"
         flops = finetune_step_flops(config, batch_size, masked=batch["masked_pos"].shape[1])
     else:
-        objective = PretrainObjective(model, tokenizer, MALS_PROMPTS, beta=0.8, label_smoothing=0.4,
-                                      max_tokens=config.max_tokens, uniform_negatives=0.0).to(device)
+        objective = PretrainObjective(model, tokenizer, MALS_PROMPTS, APL_WEIGHT,
+                                      PRESET_DEFAULTS["aptm-base"]["label_smoothing"], max_tokens=config.max_tokens,
+                                      uniform_negatives=0.0).to(device)
         double_lr = "cross"
         mam_rows = int((prompt_targets(batch["attr_label"]) == 1).any(dim=0).sum())  # prompts MAM keeps (R)
         flops = pretrain_step_flops(config, batch_size, objective.prompts.prompt_ids.shape[1], len(MALS_PROMPTS),
@@ -353,8 +354,8 @@ def bench_training(objective_name, model, tokenizer, args, device, peak_tflops):
     results = {}
     for mode in args.modes:
         # built before any compiled layer is swapped in, so the parameter names (and groups) are the model's own
-        optimizer = torch.optim.AdamW(optimizer_groups(model, 0.01, 1e-4, 2.0, double_lr), lr=1e-4,
-                                      betas=(0.9, 0.98), eps=1e-8, **{args.adam: device.type == "cuda"})
+        optimizer = torch.optim.AdamW(optimizer_groups(model, 0.01, 1e-4, double_lr=double_lr), lr=1e-4,
+                                      betas=ADAMW_BETAS, eps=ADAMW_EPS, **{args.adam: device.type == "cuda"})
         try:
             with compiled_layers(model) if mode.endswith("compile") else nullcontext():
                 row = time_steps(objective, batch, optimizer, set_precision(mode, device), args, device)
@@ -384,7 +385,7 @@ def time_steps(objective, batch, optimizer, ctx, args, device):
         torch.cuda.reset_peak_memory_stats(device)
 
     def step():
-        # ---------------- TRAINING STEP (pretrain.train's update path, without its per-step isfinite sync) -----
+        # ---------------- TRAINING STEP (the scripts' update path, without their per-step isfinite sync) -----
         with ctx:
             terms = objective(batch, generator, 0.0)  # the paper's hard negatives
         optimizer.zero_grad(set_to_none=True)

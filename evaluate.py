@@ -9,10 +9,12 @@ Two-stage ranking as in the official reTools.py: evaluation
 Fusion modes (spec §6.2):
   aptm   the released code on one GPU: F = minmax(M) + 0.002 · minmax(S), where M holds the ITM logits of
          the top-k and every other entry of a row is that row's smallest ITM logit.
-  aptm4  the released code run on 4 GPUs (the published numbers): row i in rank r's block gets
+  aptm4  the released code run on 4 GPUs, as the published runs were: row i in rank r's block gets
          (M_ij − m_r)/(1000 − m_r) + 3 + 4 · 0.002 · minmax(S)_ij.
   itm    the first release: top-k get the raw ITM logit, all other images −1000.
   itc    no re-ranking: F = S.
+Which rule produced the published numbers is open (spec §10.3): the paper predates the 2023-08-12 change to
+reTools.py, so `itm` probably did; R@K should differ by ±0.1–0.3 between the rules, mAP/mINP by more.
 
 Commands:
   python evaluate.py --ckpt out/finetune/ckpt.pt                            # synthetic test split
@@ -45,7 +47,7 @@ from model import amp_dtype, autocast_for
 FUSION_MODES = ("aptm", "aptm4", "itm", "itc")
 ITC_WEIGHT = 0.002         # weight of minmax(S) in the fused score [reTools.py: evaluation], spec §6.2
 SENTINEL = 1000.0          # the released code's "not re-ranked" marker [reTools.py], spec §6.2
-NUM_GPUS_RELEASED = 4      # world size of the published runs (spec §5.3), emulated by fusion "aptm4"
+NUM_GPUS_RELEASED = 4      # world size of the official runs (spec §5.3), emulated by fusion "aptm4"
 ORIGINAL_FILL = -1000.0    # score of non-candidates in the first release (8be062b), spec §6.2
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -311,8 +313,8 @@ def parse_args(argv=None):
     parser.add_argument("--split", default="test", choices=("test", "val"))
     # ranking (spec §6.2)
     parser.add_argument("--fusion", default="aptm", choices=FUSION_MODES, help="aptm: released code, one "
-                        "GPU; aptm4: released code on 4 GPUs (published numbers); itm: first release; itc: no "
-                        "re-rank")
+                        "GPU; aptm4: released code on 4 GPUs; itm: first release (probably the paper's numbers, "
+                        "spec §10.3); itc: no re-rank")
     parser.add_argument("--k-rerank", type=int, default=128, help="images re-ranked by ITM per query "
                         "(k_test: 128 in configs/*.yaml)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")

@@ -37,6 +37,23 @@ from model import APTM, CONFIGS, build_from_checkpoint, load_bert, load_state, l
 
 
 # =====================================================================================================================
+# the file layout (DESIGN.md §2)
+# =====================================================================================================================
+
+
+def test_library_files_import_no_script():
+    """model, losses, data, synthetic and attributes import no script (pretrain, finetune, evaluate, bench): no
+    import cycle, and a library can be read without the training code."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = ("import sys, attributes, data, losses, model, synthetic; "
+            "print(sorted({'pretrain', 'finetune', 'evaluate', 'bench'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
+# =====================================================================================================================
 # model.py
 # =====================================================================================================================
 
@@ -1908,6 +1925,23 @@ def test_pretrain_smoke_and_exact_resume(world, tmp_path):
     assert len(log) == 4 and all(key in log[-1] for key in ("itc", "itm", "mlm", "iac", "iam", "mam", "total"))
 
 
+def test_finetune_exact_resume(world, tmp_path):
+    """finetune.py writes its own loop: there too N steps in one go equal N/2 steps + --resume + N/2 steps."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        finetune.main(run_args(world, tmp_path / "a", "--max-steps", "2", "--k-rerank", "4"))
+        finetune.main(run_args(world, tmp_path / "b", "--max-steps", "1", "--k-rerank", "4"))
+        finetune.main(["--resume", str(tmp_path / "b" / "ckpt.pt"), "--max-steps", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
 def test_uniform_negatives_for_the_first_part_of_the_run(world, tmp_path, monkeypatch):
     """--uniform-negatives 0.5: ITM negatives are uniform for the first half of the steps, hard after."""
     seen = []
@@ -1918,7 +1952,8 @@ def test_uniform_negatives_for_the_first_part_of_the_run(world, tmp_path, monkey
 
 
 def test_finetune_and_evaluate_from_pretrained(world, tmp_path, capsys):
-    """pretrain → finetune --init → evaluate --ckpt → attributes --ckpt: the whole chain on CPU."""
+    """pretrain → finetune --init → evaluate --ckpt → attributes --ckpt → finetune --dataset synthetic-attr: the
+    whole chain on CPU."""
     pretrain.main(run_args(world, tmp_path / "pre", "--epochs", "1", "--val-dataset", "none"))
     init = str(tmp_path / "pre" / "ckpt.pt")
     finetune.main(run_args(world, tmp_path / "ft", "--init", init, "--epochs", "2", "--k-rerank", "4"))
@@ -1931,8 +1966,8 @@ def test_finetune_and_evaluate_from_pretrained(world, tmp_path, capsys):
     assert torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)["best"] == best_r1
     metrics = attributes.main(["--ckpt", init, "--data-root", world])
     assert set(metrics) == {"mA", "Acc", "Prec", "Rec", "F1", "AUC"}
-    tuned = attributes.main(["--ckpt", init, "--data-root", world, "--train", "--max-steps", "2", "--batch-size", "8",
-                             "--out-dir", str(tmp_path / "attr")])  # E13 fine-tuning, then the test split
+    tuned = finetune.main(run_args(world, tmp_path / "attr", "--dataset", "synthetic-attr", "--init", init,
+                                   "--max-steps", "2"))  # E13 fine-tuning, then the test split
     assert set(tuned) == set(metrics) and (tmp_path / "attr" / "ckpt.pt").exists()
     image = data.read_attributes(synthetic.synthetic_world(world)["attr_test"])[0][0]
     assert attributes.main(["--ckpt", init, "--image", image]).shape == (27,)
