@@ -23,6 +23,7 @@ Commands:
   python evaluate.py --ckpt out/finetune/ckpt.pt --query "a woman in a red coat with a black backpack"
   python evaluate.py --ckpt out/finetune/ckpt.pt --query-index 7 --out out/search.png
   python evaluate.py --ckpt out/finetune/ckpt.pt --images my_photos/ --query "a man in a blue shirt"
+  python evaluate.py --oracle                       # the attribute oracle: captions alone, no model
 
 Letters: Q queries (texts), G gallery images, k re-ranked images per query, P pairs in one ITM batch,
 L text tokens, N image tokens, Dv vision width, Dt text width, D projection width.
@@ -263,6 +264,44 @@ def evaluate_retrieval(model, tokenizer, testset, device, image_size=None, norma
 
 
 # -----------------------------------------------------------------------------
+# The attribute oracle: a no-learning reference (ours, issue 14)
+
+ORACLE_TIE_ORDERS = 50  # random orders of tied scores averaged over (our choice: R1 within 0.05 of the exact c/t)
+
+
+def attribute_oracle_scores(testset, label_fn=synthetic.label_caption):
+    """How far the captions' words alone identify a person: no images, no learning (ours).
+
+    Each caption's 27 MALS labels come from `label_fn` (the caption → label rules of spec §3.1, −1 where
+    silent); a gallery identity knows the union of its test captions' labels, as the set of (attribute, value)
+    pairs they state. A query scores each gallery image by the stated labels its identity agrees with minus
+    those it contradicts. -> (Q, G) float scores, integers: many ties.
+    """
+    labels = torch.tensor([label_fn(caption) for caption in testset.captions])  # (Q, K) in {1, 0, -1}
+    identities = sorted(set(testset.g_pids))
+    column = {pid: i for i, pid in enumerate(identities)}
+    said_1 = (labels == 1).float()  # (Q, K)
+    said_0 = (labels == 0).float()  # (Q, K)
+    owner = torch.zeros(len(identities), len(testset.captions))  # (I, Q) 1 where caption q describes identity i
+    owner[[column[pid] for pid in testset.q_pids], torch.arange(len(testset.captions))] = 1
+    known_1 = (owner @ said_1 > 0).float()  # (I, K) some caption of the identity states value 1
+    known_0 = (owner @ said_0 > 0).float()  # (I, K)
+    agree = said_1 @ known_1.T + said_0 @ known_0.T  # (Q, I)
+    contradict = said_1 @ known_0.T + said_0 @ known_1.T  # (Q, I)
+    return (agree - contradict)[:, [column[pid] for pid in testset.g_pids]]  # (Q, G)
+
+
+def attribute_oracle(testset, label_fn=synthetic.label_caption, tie_orders=ORACLE_TIE_ORDERS, seed=0):
+    """R1/R5/R10/mAP/mINP of the attribute oracle, ties counted at their expected value under a random order
+    (the mean over `tie_orders` seeded random orders; R1 alone could be exact: c/t of the tied top)."""
+    scores = attribute_oracle_scores(testset, label_fn)  # (Q, G) integers
+    generator = torch.Generator().manual_seed(seed)
+    runs = [retrieval_metrics(scores + 0.5 * torch.rand(scores.shape, generator=generator), testset.q_pids,
+                              testset.g_pids) for _ in range(tie_orders)]
+    return {key: sum(run[key] for run in runs) / tie_orders for key in ("R1", "R5", "R10", "mAP", "mINP")}
+
+
+# -----------------------------------------------------------------------------
 # Search: one query against a gallery, drawn as a PNG grid
 
 def draw_results(image_paths, scores, correct, query, out_path, tile=(192, 96)):
@@ -302,7 +341,9 @@ def list_images(folder):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # model
-    parser.add_argument("--ckpt", required=True, help="checkpoint of ours or an official APTM .pth")
+    parser.add_argument("--ckpt", help="checkpoint of ours or an official APTM .pth")
+    parser.add_argument("--oracle", action="store_true", help="no model: score the attribute oracle, a "
+                        "no-learning reference from the captions' words alone (attribute_oracle)")
     parser.add_argument("--bert", default=None, help="bert-base-uncased folder: the tokenizer for official "
                         "checkpoints, which carry none")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -335,7 +376,11 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="out/search.png", help="PNG grid of the search results")
     args = parser.parse_args(argv)
 
-    if not os.path.isfile(args.ckpt):
+    if args.oracle and (args.ckpt or args.query is not None or args.query_index is not None):
+        data.fail("--oracle needs no --ckpt and does not search: it scores the captions alone")
+    if not args.oracle and args.ckpt is None:
+        data.fail("give --ckpt (a checkpoint to evaluate), or --oracle")
+    if args.ckpt is not None and not os.path.isfile(args.ckpt):
         data.fail(f"checkpoint {args.ckpt} not found")
     if args.k_rerank < 1 or args.top < 1:
         data.fail("--k-rerank and --top must be ≥ 1")
@@ -399,20 +444,27 @@ def main(argv=None):
     args = parse_args(argv)
     if args.dataset == "synthetic" and args.images is None:
         synthetic.synthetic_world(args.data_root or "data/synthetic")  # generated with the defaults if missing
-    device = torch.device(args.device)
-    model, tokenizer = data.load_model_and_tokenizer(args.ckpt, args.bert, device)
-    normalization = data.NORMALIZATION[args.dataset]
-    if args.query is not None or args.query_index is not None:
-        run_search(args, model, tokenizer, device, normalization)
-        return None
-    testset = data.load_retrieval(args.dataset, args.data_root, args.split)
-    result = evaluate_retrieval(model, tokenizer, testset, device, model.config.image_size, normalization,
-                                args.k_rerank, args.fusion, model.config.max_tokens, args.batch_size,
-                                args.text_batch_size, args.pair_batch, args.num_workers)
-    result = {"dataset": args.dataset, "split": args.split, "fusion": args.fusion, "k_rerank": args.k_rerank,
+    if args.oracle:
+        testset = data.load_retrieval(args.dataset, args.data_root, args.split)
+        start = time.perf_counter()
+        result = attribute_oracle(testset)
+        result.update(fusion="oracle", time_total=time.perf_counter() - start)
+    else:
+        device = torch.device(args.device)
+        model, tokenizer = data.load_model_and_tokenizer(args.ckpt, args.bert, device)
+        normalization = data.NORMALIZATION[args.dataset]
+        if args.query is not None or args.query_index is not None:
+            run_search(args, model, tokenizer, device, normalization)
+            return None
+        testset = data.load_retrieval(args.dataset, args.data_root, args.split)
+        result = evaluate_retrieval(model, tokenizer, testset, device, model.config.image_size, normalization,
+                                    args.k_rerank, args.fusion, model.config.max_tokens, args.batch_size,
+                                    args.text_batch_size, args.pair_batch, args.num_workers)
+        result["fusion"] = args.fusion
+    result = {"dataset": args.dataset, "split": args.split, "k_rerank": args.k_rerank,
               "queries": len(testset.captions), "gallery": len(testset.image_paths), **result}
     header = ("dataset", "split", "fusion", "queries", "gallery", "R1", "R5", "R10", "mAP", "mINP", "seconds")
-    row = (args.dataset, args.split, args.fusion, result["queries"], result["gallery"],
+    row = (args.dataset, args.split, result["fusion"], result["queries"], result["gallery"],
            *(f"{result[key]:.2f}" for key in ("R1", "R5", "R10", "mAP", "mINP")), f"{result['time_total']:.1f}")
     widths = [max(len(str(h)), len(str(v))) for h, v in zip(header, row)]
     print("  ".join(str(h).rjust(w) for h, w in zip(header, widths)))

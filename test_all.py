@@ -1867,6 +1867,48 @@ def test_main_missing_files_exit_2(world_and_ckpt, tmp_path, capsys):
     assert "--bert" in capsys.readouterr().err
 
 
+# -----------------------------------------------------------------------------
+# The attribute oracle (a no-learning reference, ours)
+
+def test_attribute_oracle_scores_match_naive_loop():
+    """agree − contradict per (query, gallery image), the identity's labels being the union of its captions'."""
+    testset = data.TestSet(image_paths=["a", "b", "c"], g_pids=[7, 8, 7],
+                           captions=["q0", "q1", "q2"], q_pids=[7, 8, 8])
+    table = {"q0": [1, 0, -1], "q1": [1, 1, -1], "q2": [-1, 0, 0]}
+    scores = evaluate.attribute_oracle_scores(testset, label_fn=table.get)
+    stated = {pid: set() for pid in (7, 8)}  # (attribute, value) pairs any caption of the identity states
+    for caption, pid in zip(testset.captions, testset.q_pids):
+        stated[pid] |= {(k, v) for k, v in enumerate(table[caption]) if v != -1}
+    for q, caption in enumerate(testset.captions):
+        for g, pid in enumerate(testset.g_pids):
+            expected = 0
+            for k, v in enumerate(table[caption]):
+                if v != -1:
+                    expected += ((k, v) in stated[pid]) - ((k, 1 - v) in stated[pid])
+            assert scores[q, g].item() == expected
+    # identity 8 says attribute 1 is both 1 and 0: q0 (value 0) agrees once and contradicts once there
+    assert scores[0, 1].item() == 1 + 0 - 0 + 0
+
+
+def test_attribute_oracle_ties_count_at_their_expected_value():
+    """Every image tied: R1 is the share of right images, whatever the tie orders drawn."""
+    testset = data.TestSet(image_paths=["a", "b", "c", "d"], g_pids=[1, 2, 3, 4], captions=["x"], q_pids=[1])
+    metrics = evaluate.attribute_oracle(testset, label_fn=lambda caption: [-1, -1], tie_orders=400)
+    assert metrics["R1"] == pytest.approx(25.0, abs=5.0)
+
+
+def test_main_oracle_needs_no_checkpoint(world_and_ckpt, capsys):
+    result = evaluate.main(["--oracle", "--dataset", "cuhk", "--data-root", world_and_ckpt["cuhk"]])
+    assert result["fusion"] == "oracle" and 0 <= result["R1"] <= 100
+    assert "oracle" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--oracle", "--ckpt", world_and_ckpt["ckpt"]])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([])
+    assert exit_info.value.code == 2
+
+
 # =====================================================================================================================
 # pretrain.py, finetune.py, attributes.py (training, resume, DDP, the whole chain)
 # =====================================================================================================================
