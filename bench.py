@@ -37,15 +37,18 @@ import os
 import random
 import tempfile
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 
 import numpy as np
 import torch
+import torch.utils._python_dispatch
 from PIL import Image
 
 from attributes import MALS_PROMPTS, prompt_targets
-from data import NORMALIZATION, SPECIAL_TOKENS, TestSet, Tokenizer, mask_tokens
+from data import (NORMALIZATION, PROMPT_MASK_KEYS, SPECIAL_TOKENS, PromptMasking, TestSet, Tokenizer, mask_tokens,
+                  split_prompt_rows)
 from evaluate import evaluate_retrieval
 from finetune import FinetuneObjective
 from losses import IAM_NUM_PROMPTS
@@ -257,7 +260,9 @@ def random_batch(objective_name, config, tokenizer, batch_size, device, seed):
     B, L = batch_size, config.max_tokens
     input_ids, attention_mask = random_captions(tokenizer, B, L, generator)  # (B, L)
     masked_ids, masked_pos, masked_labels = mask_tokens(input_ids, tokenizer, generator)  # (B, L), (B, M), (B, M)
-    batch = dict(image=torch.randn((B, 3, *config.image_size), generator=generator),  # (B, 3, H, W)
+    norm = torch.tensor(NORMALIZATION["cuhk" if objective_name == "finetune" else "mals"])  # (2, 3)
+    batch = dict(image=torch.randint(0, 256, (B, 3, *config.image_size), generator=generator, dtype=torch.uint8),
+                 erase=torch.zeros(B, 4, dtype=torch.long), norm=norm.expand(B, 2, 3),  # as ImageTransform.for_device
                  input_ids=input_ids, attention_mask=attention_mask, masked_ids=masked_ids,
                  masked_pos=masked_pos, masked_labels=masked_labels)
     if objective_name == "finetune":
@@ -267,6 +272,9 @@ def random_batch(objective_name, config, tokenizer, batch_size, device, seed):
         batch["pid"] = torch.arange(B)  # MALS: one identity per image (spec §2.1)
         num_attributes = len(MALS_PROMPTS) // 2
         batch["attr_label"] = torch.randint(-1, 2, (B, num_attributes), generator=generator)  # (B, K) in {-1, 0, 1}
+        masking = PromptMasking(tokenizer, MALS_PROMPTS, config.max_tokens)  # as the data-loader workers do
+        for key, rows in zip(PROMPT_MASK_KEYS, masking(generator)):
+            batch[key] = split_prompt_rows(rows, B)  # (B, r, ...)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -309,6 +317,40 @@ def compiled_layers(model):
         for holder, layers in zip(holders, originals):
             for i, layer in enumerate(layers):
                 holder[i] = layer
+
+
+# ops that make the host wait for the device (on a GPU): they return a value to Python or an output whose shape
+# depends on the data. Boolean-mask indexing (x[mask], x[mask] = y) is nonzero in disguise and counted too.
+SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "allclose", "nonzero", "argwhere", "masked_select",
+            "multinomial", "unique_consecutive", "_unique", "_unique2", "unique_dim", "bincount"}
+INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
+
+
+class SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the sync-forcing aten ops (SYNC_OPS, boolean-mask indexing, repeat_interleave with tensor repeats and
+    no output_size) that run under it, forward and backward, on any device: a CPU run finds what would stall a
+    GPU. Device-to-host copies (.cpu(), .tolist()) are not visible on a CPU and not counted.
+
+        with SyncCounter() as syncs:
+            objective(batch, generator, 0.0)["total"].backward()
+        syncs.counts  # Counter({op name: calls}); syncs.ops: every op seen
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.counts, self.ops = Counter(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._overloadpacket.__name__
+        self.ops += 1
+        bool_index = name in INDEX_OPS and any(
+            torch.is_tensor(i) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
+        tensor_repeats = (name == "repeat_interleave" and torch.is_tensor(args[0 if len(args) == 1 else 1])
+                          and kwargs.get("output_size") is None and len(args) < 4)
+        if name in SYNC_OPS or bool_index or tensor_repeats:
+            self.counts[name] += 1
+        return func(*args, **kwargs)
 
 
 class Timer:

@@ -20,10 +20,10 @@ from dataclasses import asdict
 
 import torch
 
-from data import (NORMALIZATION, FinetuneDataset, Tokenizer, check_images, fail, load_retrieval, read_checkpoint,
-                  synthetic_world, train_transform)
+from data import (NORMALIZATION, FinetuneDataset, Tokenizer, check_images, device_images, fail, load_retrieval,
+                  read_checkpoint, synthetic_world, train_transform)
 from evaluate import evaluate_retrieval, load_model_and_tokenizer
-from losses import finetune_objective, mlm_loss
+from losses import categorical_noise, finetune_objective, mlm_loss
 from model import APTM, CONFIGS, load_bert
 from pretrain import (DEFAULT_WORKERS, UNIFORM_NEGATIVES_HELP, cleanup_distributed, fill_preset_defaults, init_run,
                       retrieval_losses, retrieval_monitor, train)
@@ -85,17 +85,26 @@ class FinetuneObjective(torch.nn.Module):
         self.model, self.eda_weight, self.uniform_negatives = model, eda_weight, uniform_negatives
 
     def forward(self, batch, generator, progress):
+        """Draws the step's random numbers from `generator` first, in eager mode (torch.compile cannot trace an
+        op that takes a Generator), then `losses`, which compiles whole."""
+        batch_size = batch["pid"].shape[0]
+        negatives = categorical_noise((2, 2, batch_size, batch_size), generator)  # caption, EDA copy
+        return self.losses(batch, negatives, progress < self.uniform_negatives)
+
+    def losses(self, batch, negatives, uniform):
         model = self.model
-        image_embeds = model.encode_image(batch["image"])                             # (B, N, Dv)
+        images = device_images(batch["image"], batch["erase"], batch["norm"])         # (B, 3, H, W)
+        image_embeds = model.encode_image(images)                                     # (B, N, Dv)
         image_feat = model.image_feat(image_embeds)                                   # (B, D)
-        pid, uniform = batch["pid"], progress < self.uniform_negatives
-        loss_itc, loss_itm, _ = retrieval_losses(model, image_embeds, image_feat, batch["input_ids"],
-                                                 batch["attention_mask"], pid, generator, uniform)
-        loss_itc_eda, loss_itm_eda, _ = retrieval_losses(model, image_embeds, image_feat, batch["eda_input_ids"],
-                                                         batch["eda_attention_mask"], pid, generator, uniform)
+        image_kv = model.cross_kv(image_embeds)       # each image's cross-attention keys/values, projected once
+        pid = batch["pid"]
+        loss_itc, loss_itm, _ = retrieval_losses(model, image_kv, image_feat, batch["input_ids"],
+                                                 batch["attention_mask"], pid, negatives[0], uniform)
+        loss_itc_eda, loss_itm_eda, _ = retrieval_losses(model, image_kv, image_feat, batch["eda_input_ids"],
+                                                         batch["eda_attention_mask"], pid, negatives[1], uniform)
         # MLM on the original caption only (E12).
-        mlm_logits = model.mlm_logits(batch["masked_ids"], batch["attention_mask"], image_embeds,
-                                      batch["masked_pos"])                            # (B, M, V)
+        mlm_logits = model.mlm_logits(batch["masked_ids"], batch["attention_mask"], None, batch["masked_pos"],
+                                      image_kv=image_kv)                              # (B, M, V)
         loss_mlm = mlm_loss(mlm_logits, batch["masked_labels"])
         return finetune_objective(loss_itc, loss_itc_eda, loss_itm, loss_itm_eda, loss_mlm, self.eda_weight)
 

@@ -27,12 +27,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from attributes import MALS_PROMPTS, PromptStream
-from data import (NORMALIZATION, PretrainDataset, Tokenizer, check_images, fail, load_retrieval, read_checkpoint,
-                  read_mals, synthetic_world, train_transform)
+from attributes import MALS_PROMPTS, PromptStream, attribute_draws
+from data import (NORMALIZATION, PretrainDataset, PromptMasking, Tokenizer, check_images, device_images, fail,
+                  load_retrieval, read_checkpoint, read_mals, synthetic_world, train_transform)
 from evaluate import evaluate_retrieval
-from losses import itc_loss, itm_loss, mlm_loss, pretrain_objective, sample_hard_negatives
-from model import APTM, CONFIGS, load_bert, load_swin, optimizer_groups
+from losses import categorical_noise, itc_loss, itm_loss, mlm_loss, pretrain_objective, sample_hard_negatives
+from model import APTM, CONFIGS, load_bert, load_swin, optimizer_groups, take_kv
 
 # Data-loader processes: on a GPU machine they decode, augment and mask while the GPU computes; on a CPU they
 # would take the cores the model's threads spin on (measured: 10-30x slower steps), so there the main process
@@ -372,21 +372,23 @@ def cleanup_distributed():
 # The objective: E9 on one batch
 
 
-def retrieval_losses(model, image_embeds, image_feat, input_ids, attention_mask, pid, generator, uniform=False):
+def retrieval_losses(model, image_kv, image_feat, input_ids, attention_mask, pid, negatives, uniform=False):
     """ITC (E1, over the batch gathered from all processes) and ITM with in-batch hard negatives (E2), or uniform
-    ones, for one batch of captions. Returns (itc, itm, text_embeds). finetune.py calls it for the caption and its
-    EDA copy."""
+    ones, for one batch of captions. image_kv: model.cross_kv of the batch's images (each image's keys/values
+    projected once, then indexed for its pairs); negatives: the (2, B, B) categorical_noise of the draws (or a
+    torch.Generator). Returns (itc, itm, text_embeds). finetune.py calls it for the caption and its EDA copy."""
     text_embeds = model.encode_text(input_ids, attention_mask)                        # (B, L, Dt)
     text_feat = model.text_feat(text_embeds)                                          # (B, D)
     loss_itc = itc_loss(gather(image_feat), gather(text_feat), gather(pid), model.temp)
     # Hard negatives are drawn within the local batch (spec §2.3): for each text an image, for each image a text.
-    neg_image, neg_text = sample_hard_negatives(image_feat, text_feat, pid, model.temp, generator, uniform)  # (B,)
+    neg_image, neg_text = sample_hard_negatives(image_feat, text_feat, pid, model.temp, negatives, uniform)  # (B,)
     # 3B pairs: (I_b, T_b) label 1, (Ĩ_b, T_b) label 0, (I_b, T̃_b) label 0.
     pair_text = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]])          # (3B, L, Dt)
     pair_atts = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])  # (3B, L)
-    pair_image = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])     # (3B, N, Dv)
+    own = torch.arange(pid.shape[0], device=pid.device)                               # (B,)
+    pair_image = torch.cat([own, neg_image, own])                                     # (3B,)
     labels = torch.cat([torch.ones_like(pid), torch.zeros_like(pid), torch.zeros_like(pid)])  # (3B,)
-    loss_itm = itm_loss(model.itm_logits(pair_text, pair_atts, pair_image), labels)
+    loss_itm = itm_loss(model.itm_logits(pair_text, pair_atts, image_kv=take_kv(image_kv, pair_image)), labels)
     return loss_itc, loss_itm, text_embeds
 
 
@@ -399,18 +401,27 @@ class PretrainObjective(torch.nn.Module):
         self.prompts = PromptStream(tokenizer, prompts, max_tokens, label_smoothing)
 
     def forward(self, batch, generator, progress):
+        """Draws the step's random numbers from `generator` first, in eager mode (torch.compile cannot trace an
+        op that takes a Generator), then `losses`, which compiles whole."""
+        batch_size = batch["pid"].shape[0]
+        draws = dict(negatives=categorical_noise((2, batch_size, batch_size), generator),
+                     attributes=attribute_draws(batch["attr_label"], generator))
+        return self.losses(batch, draws, progress < self.uniform_negatives)
+
+    def losses(self, batch, draws, uniform):
         model = self.model
-        image_embeds = model.encode_image(batch["image"])                             # (B, N, Dv)
+        images = device_images(batch["image"], batch["erase"], batch["norm"])         # (B, 3, H, W)
+        image_embeds = model.encode_image(images)                                     # (B, N, Dv)
         image_feat = model.image_feat(image_embeds)                                   # (B, D)
-        loss_itc, loss_itm, _ = retrieval_losses(model, image_embeds, image_feat, batch["input_ids"],
-                                                 batch["attention_mask"], batch["pid"], generator,
-                                                 uniform=progress < self.uniform_negatives)
+        image_kv = model.cross_kv(image_embeds)       # each image's cross-attention keys/values, projected once
+        loss_itc, loss_itm, _ = retrieval_losses(model, image_kv, image_feat, batch["input_ids"],
+                                                 batch["attention_mask"], batch["pid"], draws["negatives"], uniform)
         # MLM on the caption, conditioned on the image (E3); the masks were drawn in the data-loader workers.
-        mlm_logits = model.mlm_logits(batch["masked_ids"], batch["attention_mask"], image_embeds,
-                                      batch["masked_pos"])                            # (B, M, V)
+        mlm_logits = model.mlm_logits(batch["masked_ids"], batch["attention_mask"], None, batch["masked_pos"],
+                                      image_kv=image_kv)                              # (B, M, V)
         loss_mlm = mlm_loss(mlm_logits, batch["masked_labels"])
         # The attribute-prompt stream: IAC, IAM, MAM (E4-E6) over the MALS prompts.
-        attr = self.prompts(model, image_embeds, image_feat, batch["attr_label"], generator)
+        attr = self.prompts(model, image_embeds, image_feat, batch, draws["attributes"], image_kv)
         return pretrain_objective(loss_itc, loss_itm, loss_mlm, attr["iac"], attr["iam"], attr["mam"], self.beta)
 
 
@@ -466,7 +477,8 @@ def main(argv=None):
     model = build_model(args, tokenizer)
     config = model.config
     transform = train_transform(config.image_size, NORMALIZATION["mals"], args.erasing_p)
-    dataset = PretrainDataset(entries, transform, tokenizer, config.max_tokens, seed=args.seed)
+    dataset = PretrainDataset(entries, transform, tokenizer, config.max_tokens, seed=args.seed,
+                              prompt_masking=PromptMasking(tokenizer, MALS_PROMPTS, config.max_tokens))
     objective = PretrainObjective(model, tokenizer, MALS_PROMPTS, args.beta, args.label_smoothing,
                                   config.max_tokens, args.uniform_negatives).to(args.device_obj)
     monitor = retrieval_monitor(args, tokenizer, args.val_dataset,

@@ -810,9 +810,9 @@ def test_mam_picks_only_true_images():
                       [-1, -1, -1, 0]])  # prompts 2 and 3 have no true image
     seen = set()
     for seed in range(40):
-        prompt_idx, image_idx = losses.sample_mam_images(m, torch.Generator().manual_seed(seed))
-        assert prompt_idx.tolist() == [0, 1]
-        assert (m[image_idx, prompt_idx] == 1).all()
+        image_idx, has_true = losses.sample_mam_images(m, torch.Generator().manual_seed(seed))
+        assert has_true.tolist() == [True, True, False, False] and image_idx.shape == (4,)
+        assert (m[image_idx[:2], torch.arange(2)] == 1).all()
         seen.add(int(image_idx[0]))
     assert seen == {0, 2}  # both true images of prompt 0 get drawn
     a = losses.sample_mam_images(m, torch.Generator().manual_seed(7))
@@ -978,7 +978,9 @@ def test_attribute_losses_match_official_loops():
     for t in losses.sample_iam_prompts(P, generator).tolist():
         logits = model.itm_logits(prompt_embeds[t].repeat(B, 1, 1), batch["prompt_atts"][t].repeat(B, 1), image_embeds)
         iam = iam + losses.smoothed_cross_entropy(logits, m[:, t], 0.4)
-    prompt_idx, image_idx = losses.sample_mam_images(m, generator)
+    image_idx, has_true = losses.sample_mam_images(m, generator)  # the official code keeps only the prompts
+    prompt_idx = has_true.nonzero().squeeze(1)  # with a true image (R,)
+    image_idx = image_idx[prompt_idx]
     assert (m[image_idx, prompt_idx] == 1).all()
     mam_logits = model.mlm_logits(batch["prompt_masked_ids"][prompt_idx], batch["prompt_atts"][prompt_idx],
                                   image_embeds[image_idx], batch["prompt_masked_pos"][prompt_idx])
