@@ -399,8 +399,12 @@ class AttributeObjective(torch.nn.Module):
         self.model, self.prompts = model, PromptStream(tokenizer, prompts, max_tokens, label_smoothing=0.0)
 
     def forward(self, batch, generator, progress):
-        """Draws the step's random numbers (eager: torch.compile cannot trace a Generator), then `losses`."""
-        return self.losses(batch, attribute_draws(batch["attr_label"], generator))
+        return self.losses(batch, *self.draw(batch, generator, progress))
+
+    def draw(self, batch, generator, progress):
+        """The step's random choices -> the arguments of `losses` after the batch (drawn first, in eager mode:
+        torch.compile cannot trace an op that takes a Generator)."""
+        return (attribute_draws(batch["attr_label"], generator),)
 
     def losses(self, batch, draws):
         images = device_images(batch["image"], batch["erase"], batch["norm"])  # (B, 3, H, W)

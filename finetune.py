@@ -85,11 +85,14 @@ class FinetuneObjective(torch.nn.Module):
         self.model, self.eda_weight, self.uniform_negatives = model, eda_weight, uniform_negatives
 
     def forward(self, batch, generator, progress):
-        """Draws the step's random numbers from `generator` first, in eager mode (torch.compile cannot trace an
-        op that takes a Generator), then `losses`, which compiles whole."""
+        return self.losses(batch, *self.draw(batch, generator, progress))
+
+    def draw(self, batch, generator, progress):
+        """The step's random numbers -> the arguments of `losses` after the batch. Drawn first, in eager mode
+        (torch.compile cannot trace an op that takes a Generator), so that `losses` compiles whole."""
         batch_size = batch["pid"].shape[0]
         negatives = categorical_noise((2, 2, batch_size, batch_size), generator)  # caption, EDA copy
-        return self.losses(batch, negatives, progress < self.uniform_negatives)
+        return negatives, progress < self.uniform_negatives
 
     def losses(self, batch, negatives, uniform):
         model = self.model

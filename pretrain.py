@@ -401,12 +401,15 @@ class PretrainObjective(torch.nn.Module):
         self.prompts = PromptStream(tokenizer, prompts, max_tokens, label_smoothing)
 
     def forward(self, batch, generator, progress):
-        """Draws the step's random numbers from `generator` first, in eager mode (torch.compile cannot trace an
-        op that takes a Generator), then `losses`, which compiles whole."""
+        return self.losses(batch, *self.draw(batch, generator, progress))
+
+    def draw(self, batch, generator, progress):
+        """The step's random numbers and choices -> the arguments of `losses` after the batch. Drawn first, in
+        eager mode (torch.compile cannot trace an op that takes a Generator), so that `losses` compiles whole."""
         batch_size = batch["pid"].shape[0]
         draws = dict(negatives=categorical_noise((2, batch_size, batch_size), generator),
                      attributes=attribute_draws(batch["attr_label"], generator))
-        return self.losses(batch, draws, progress < self.uniform_negatives)
+        return draws, progress < self.uniform_negatives
 
     def losses(self, batch, draws, uniform):
         model = self.model
