@@ -5,6 +5,14 @@ of ours beside them: the AUC of the prompt-pair scores, which needs no threshold
 Spec §3.1 (MALS, 27 attributes), §3.2 (PA-100K, 26 attributes), §3.3 (prediction), §3.4 (metrics),
 §2.5–2.7 (the losses, computed in losses.py).
 
+    python attributes.py --ckpt out/pretrain/ckpt.pt                 # the synthetic world's attribute test split
+    python attributes.py --ckpt ft_pa100k/checkpoint_best.pth --bert data/bert-base-uncased \
+        --dataset pa100k --data-root data/PA100K                      # PA-100K test split
+    python attributes.py --ckpt out/pretrain/ckpt.pt --image person.jpg   # one image's predicted attributes
+
+Fine-tuning with E13 (PA-100K, or the synthetic attribute split) is finetune.py's: `python finetune.py --dataset
+pa100k ...` or `--dataset synthetic-attr`. This file uses no training script.
+
 Label semantics (spec §3.1). Attribute k has two prompts: prompt 2k is the "label 0" sentence and
 prompt 2k + 1 the "label 1" sentence, so for a label a ∈ {0, 1} **prompt 2k + a is the true one**
 and prompt 2k + 1 − a is false. −1 means unknown (the caption did not say): the image is left out of
@@ -27,9 +35,10 @@ import json
 import torch
 
 import losses
-from model import take_kv
-from data import (NORMALIZATION, PROMPT_MASK_KEYS, AttributeDataset, ImageDataset, PromptMasking, device_images, fail,
-                  join_prompt_rows, load_image, read_attributes, synthetic_world, test_transform, train_transform)
+from data import (NORMALIZATION, PROMPT_MASK_KEYS, ImageDataset, fail, join_prompt_rows, load_image,
+                  load_model_and_tokenizer, read_attributes, test_transform)
+from model import autocast_for, take_kv
+from synthetic import synthetic_world
 
 # ---------------------------------------------------------------------------------------------------
 # Prompt tables (verbatim from the official code, spec §3.1 [trains.py: train_attr] and
@@ -319,12 +328,8 @@ def attribute_metrics(pred, gt):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Attribute-recognition task (`python attributes.py`): the lead adds main() below this line.
+# Attribute recognition on a dataset (`python attributes.py`; finetune.py trains with E13)
 # ---------------------------------------------------------------------------------------------------
-
-# The task part below runs the model on data; it borrows the scripts' plumbing (checkpoint loading and autocast
-# from evaluate.py, the training loop from pretrain.py) through imports inside the functions that need it, so that
-# importing this file never imports a script.
 
 ATTRIBUTE_DATASETS = {"synthetic": ("mals", "cuhk"), "pa100k": ("pa100k", "pa100k")}  # → (prompt table, norm)
 PROMPT_MAX_TOKENS = {"mals": 56, "pa100k": 15}  # max_tokens of the prompt batch (spec §3.2, configs/*.yaml)
@@ -342,8 +347,6 @@ def encode_prompts(model, tokenizer, prompts, max_tokens):
 def evaluate_attributes(model, tokenizer, entries, table, normalization, batch_size=128, workers=2):
     """Predict every image's attributes (spec §3.3) and score them (spec §3.4, plus the pair-score AUC)
     → (metrics, per-attribute {"mA", "AUC"})."""
-    from evaluate import autocast_for
-
     device = next(model.parameters()).device
     model.eval()
     prompts = PROMPT_TABLES[table]
@@ -391,30 +394,6 @@ class PromptStream(torch.nn.Module):
                                 self.prompt_atts, *masked, None, self.label_smoothing, image_kv, draws)
 
 
-class AttributeObjective(torch.nn.Module):
-    """E13 on one batch: L = L_iac + L_iam + L_mam, no smoothing (PA-100K fine-tuning, spec §2.9)."""
-
-    def __init__(self, model, tokenizer, prompts, max_tokens):
-        super().__init__()
-        self.model, self.prompts = model, PromptStream(tokenizer, prompts, max_tokens, label_smoothing=0.0)
-
-    def forward(self, batch, generator, progress):
-        return self.losses(batch, *self.draw(batch, generator, progress))
-
-    def draw(self, batch, generator, progress):
-        """The step's random choices -> the arguments of `losses` after the batch (drawn first, in eager mode:
-        torch.compile cannot trace an op that takes a Generator)."""
-        return (attribute_draws(batch["attr_label"], generator),)
-
-    def losses(self, batch, draws):
-        images = device_images(batch["image"], batch["erase"], batch["norm"])  # (B, 3, H, W)
-        image_embeds = self.model.encode_image(images)  # (B, N, Dv)
-        image_feat = self.model.image_feat(image_embeds)  # (B, D)
-        image_kv = self.model.cross_kv(image_embeds)  # each image's cross-attention keys/values, projected once
-        attr = self.prompts(self.model, image_embeds, image_feat, batch, draws, image_kv)
-        return losses.pa100k_objective(attr["iac"], attr["iam"], attr["mam"])
-
-
 def print_table(metrics, per_attribute, names):
     print("  ".join(f"{key} {value:.2f}" for key, value in metrics.items()))
     print(f"{'attribute':<16} {'mA':>6} {'AUC':>6}")
@@ -432,23 +411,11 @@ def get_args(argv=None):
                         "for synthetic, the world's folder (default data/synthetic)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="synthetic: train or test")
     parser.add_argument("--image", help="print the predicted attributes of this one image")
-    parser.add_argument("--batch-size", type=int, help="images per batch; training: paper 200, tiny 48")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per batch")
     parser.add_argument("--workers", type=int, default=6 if torch.cuda.is_available() else 0,
                         help="data-loader processes; 0 on a CPU (see pretrain.py)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="write the metrics here")
-    # fine-tuning with E13 (PA-100K recipe, spec §3.2 / §5.4)
-    parser.add_argument("--train", action="store_true", help="fine-tune on the train split with E13 first")
-    parser.add_argument("--epochs", type=int, help="paper 30; tiny 5")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--warmup", type=float, default=0.1, help="fraction of all steps (spec §5.2)")
-    parser.add_argument("--grad-clip", type=float, default=0.0)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--log-every", type=int, default=20)
-    parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--out-dir", default="out/attributes")
     args = parser.parse_args(argv)
     if args.dataset == "pa100k" and not args.data_root and not args.image:
         parser.error("--dataset pa100k needs --data-root")
@@ -456,8 +423,6 @@ def get_args(argv=None):
 
 
 def main(argv=None):
-    from evaluate import autocast_for, load_model_and_tokenizer
-
     args = get_args(argv)
     device = torch.device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.ckpt, args.bert, device)
@@ -475,13 +440,11 @@ def main(argv=None):
         for k, name in enumerate(names):
             print(f"{name:<16} {prompts[2 * k + int(pred[k])]}")
         return pred
-    if args.train:
-        model = train_attributes(args, model, tokenizer, attribute_split(args, "train"), table, norm)
-    entries = attribute_split(args, args.split)
+    entries = attribute_split(args.dataset, args.data_root, args.split)
     if not entries:
         fail(f"the {args.dataset} {args.split} split is empty")
-    metrics, per_attribute = evaluate_attributes(model, tokenizer, entries, table, normalization,
-                                                 args.batch_size or 128, args.workers)
+    metrics, per_attribute = evaluate_attributes(model, tokenizer, entries, table, normalization, args.batch_size,
+                                                 args.workers)
     print_table(metrics, per_attribute, names)
     if args.json:
         with open(args.json, "w") as f:
@@ -489,29 +452,15 @@ def main(argv=None):
     return metrics
 
 
-def attribute_split(args, split):
-    """(image_path, labels) of a split: the synthetic world's attr_{split}.json, or PA-100K under --data-root."""
-    if args.dataset == "synthetic":
-        return read_attributes(synthetic_world(args.data_root or "data/synthetic")[f"attr_{split}"])
-    return read_attributes(args.data_root, split=split)
-
-
-def train_attributes(args, model, tokenizer, entries, table, norm):
-    """Fine-tune with E13 on the train split (PA-100K recipe: step schedule, 2x lr set of fine-tuning, spec §5);
-    the last epoch is kept (the official code picks the best epoch on test, spec §3.2)."""
-    from pretrain import init_run, train
-
-    args.batch_size = args.batch_size or (200 if model.config.image_size[0] >= 384 else 48)
-    args.epochs = args.epochs or (30 if model.config.image_size[0] >= 384 else 5)
-    args.resume = None
-    args.device = str(args.device)
-    init_run(args)
-    dataset = AttributeDataset(entries, train_transform(model.config.image_size, NORMALIZATION[norm]), args.seed,
-                               PromptMasking(tokenizer, PROMPT_TABLES[table], PROMPT_MAX_TOKENS[table]))
-    objective = AttributeObjective(model, tokenizer, PROMPT_TABLES[table], PROMPT_MAX_TOKENS[table])
-    train(args, objective.to(args.device_obj), model, tokenizer, dataset, lambda model, epoch: {},
-          double_lr="finetune", schedule="step", warmup=args.warmup)
-    return model
+def attribute_split(dataset, data_root, split):
+    """(image_path, labels) of a split: the synthetic world's attr_{split}.json (data_root: the world's folder,
+    default data/synthetic, made if missing; train and test only), or PA-100K's under data_root."""
+    if dataset == "synthetic":
+        world = synthetic_world(data_root or "data/synthetic")
+        if f"attr_{split}" not in world:
+            fail(f"the synthetic attribute data has train and test splits, not {split!r}")
+        return read_attributes(world[f"attr_{split}"])
+    return read_attributes(data_root, split=split)
 
 
 if __name__ == "__main__":

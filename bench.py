@@ -1,8 +1,8 @@
 """Speed and memory of minAPTM at paper scale: one training step and a CUHK-PEDES-sized evaluation (DESIGN.md §7).
 
 A benchmark, never a test: random images and token ids, random weights, the real code paths
-(pretrain.PretrainObjective, finetune.FinetuneObjective, model.optimizer_groups + AdamW as in pretrain.train,
-evaluate.evaluate_retrieval).
+(pretrain.PretrainObjective, finetune.FinetuneObjective, model.optimizer_groups + AdamW as in
+pretrain.make_optimizer, evaluate.evaluate_retrieval).
 
     python bench.py                                      # GPU: aptm-base, fine-tune @120, pre-train @150, eval
     python bench.py --modes bf16,bf16-compile --json out/bench.json
@@ -28,8 +28,9 @@ of every linear layer, convolution and attention matmul (QKᵀ and AV) of the fo
 training step costs 3 × the forward (the backward computes gradients for inputs and weights: 2 × forward). Norms,
 softmax, GELU, embedding look-ups, the losses and the optimizer are not counted. The work is counted as the code
 does it (each image's cross-attention keys/values projected once and shared by its pairs; MAM on all P prompts;
-MLM runs the head at all M masked slots, padding included), not as it could be done. Spec §1.6: Swin-B@384×128 ≈ 15.2 GMACs, text encoder (L=56)
-≈ 2.4 GMACs, cross encoder per pair ≈ 3.3 GMACs (test_bench.py checks these).
+MLM runs the head at all M masked slots, padding included), not as it could be done. Spec §1.6: Swin-B@384×128 ≈
+15.2 GMACs, text encoder (L=56) ≈ 2.4 GMACs, cross encoder per pair ≈ 3.3 GMACs (test_all.py:
+test_flop_counter_by_hand).
 
 Shapes: B batch, L text tokens, N image tokens, Dv/Dt vision/text widths, M masked positions, V vocabulary,
 P prompts, Q queries, G gallery images.
@@ -55,9 +56,9 @@ from data import (NORMALIZATION, PROMPT_MASK_KEYS, SPECIAL_TOKENS, PretrainDatas
                   mask_tokens, split_prompt_rows, train_transform)
 from evaluate import evaluate_retrieval
 from finetune import FinetuneObjective
-from losses import IAM_NUM_PROMPTS
-from model import APTM, CONFIGS, optimizer_groups
-from pretrain import PretrainObjective
+from losses import APL_WEIGHT, EDA_WEIGHT, IAM_NUM_PROMPTS
+from model import ADAMW_BETAS, ADAMW_EPS, APTM, CONFIGS, optimizer_groups
+from pretrain import PRESET_DEFAULTS, PretrainObjective
 
 MODES = ("fp32", "tf32", "bf16", "bf16-compile")
 
@@ -99,7 +100,7 @@ def get_args(argv=None):
     parser.add_argument("--steps", type=int, help="timed steps per mode (default 10; 2 with --smoke)")
     parser.add_argument("--warmup", type=int, help="untimed steps first, incl. compilation (default 3; 1 smoke)")
     parser.add_argument("--adam", default="foreach", choices=["foreach", "fused"],
-                        help="AdamW implementation; foreach is what pretrain.train uses")
+                        help="AdamW implementation; foreach is what the training scripts use")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing (APTM.checkpointing)")
     parser.add_argument("--no-checks", action="store_true", help="skip the sync count, the whole-graph compile check "
                         "and (GPU) the sync-debug step")
@@ -431,8 +432,8 @@ def bench_training(objective_name, model, tokenizer, args, device, peak_tflops):
     results = {}
     for mode in args.modes:
         # built before any compiled layer is swapped in, so the parameter names (and groups) are the model's own
-        optimizer = torch.optim.AdamW(optimizer_groups(model, 0.01, 1e-4, 2.0, double_lr), lr=1e-4,
-                                      betas=(0.9, 0.98), eps=1e-8, **{args.adam: device.type == "cuda"})
+        optimizer = torch.optim.AdamW(optimizer_groups(model, 0.01, 1e-4, double_lr=double_lr), lr=1e-4,
+                                      betas=ADAMW_BETAS, eps=ADAMW_EPS, **{args.adam: device.type == "cuda"})
         try:
             with compiled_layers(model) if mode.endswith("compile") else nullcontext():
                 row = time_steps(objective, batch, optimizer, set_precision(mode, device), args, device)
@@ -462,7 +463,7 @@ def time_steps(objective, batch, optimizer, ctx, args, device):
         torch.cuda.reset_peak_memory_stats(device)
 
     def step():
-        # ---------------- TRAINING STEP (pretrain.train's update path, without its per-step isfinite sync) -----
+        # ---------------- TRAINING STEP (the scripts' update path, without their per-step isfinite sync) -----
         with ctx:
             terms = objective(batch, generator, 0.0)  # the paper's hard negatives
         optimizer.zero_grad(set_to_none=True)
@@ -485,9 +486,10 @@ def time_steps(objective, batch, optimizer, ctx, args, device):
 
 
 def build_objective(objective_name, model, tokenizer, device):
+    """The paper's objective (hard negatives from the first step; pre-training with the paper's label smoothing)."""
     if objective_name == "finetune":
-        return FinetuneObjective(model, eda_weight=0.8, uniform_negatives=0.0)
-    return PretrainObjective(model, tokenizer, MALS_PROMPTS, beta=0.8, label_smoothing=0.4,
+        return FinetuneObjective(model, EDA_WEIGHT, uniform_negatives=0.0)
+    return PretrainObjective(model, tokenizer, MALS_PROMPTS, APL_WEIGHT, PRESET_DEFAULTS["aptm-base"]["label_smoothing"],
                              max_tokens=model.config.max_tokens, uniform_negatives=0.0).to(device)
 
 

@@ -9,10 +9,12 @@ Two-stage ranking as in the official reTools.py: evaluation
 Fusion modes (spec §6.2):
   aptm   the released code on one GPU: F = minmax(M) + 0.002 · minmax(S), where M holds the ITM logits of
          the top-k and every other entry of a row is that row's smallest ITM logit.
-  aptm4  the released code run on 4 GPUs (the published numbers): row i in rank r's block gets
+  aptm4  the released code run on 4 GPUs, as the published runs were: row i in rank r's block gets
          (M_ij − m_r)/(1000 − m_r) + 3 + 4 · 0.002 · minmax(S)_ij.
   itm    the first release: top-k get the raw ITM logit, all other images −1000.
   itc    no re-ranking: F = S.
+Which rule produced the published numbers is open (spec §10.3): the paper predates the 2023-08-12 change to
+reTools.py, so `itm` probably did; R@K should differ by ±0.1–0.3 between the rules, mAP/mINP by more.
 
 Commands:
   python evaluate.py --ckpt out/finetune/ckpt.pt                            # synthetic test split
@@ -30,7 +32,6 @@ import json
 import os
 import textwrap
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -40,12 +41,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
-from model import build_from_checkpoint
+import synthetic
+from model import amp_dtype, autocast_for
 
 FUSION_MODES = ("aptm", "aptm4", "itm", "itc")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype: autocast dtype (model.amp_dtype)
 ITC_WEIGHT = 0.002         # weight of minmax(S) in the fused score [reTools.py: evaluation], spec §6.2
 SENTINEL = 1000.0          # the released code's "not re-ranked" marker [reTools.py], spec §6.2
-NUM_GPUS_RELEASED = 4      # world size of the published runs (spec §5.3), emulated by fusion "aptm4"
+NUM_GPUS_RELEASED = 4      # world size of the official runs (spec §5.3), emulated by fusion "aptm4"
 ORIGINAL_FILL = -1000.0    # score of non-candidates in the first release (8be062b), spec §6.2
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -136,24 +139,6 @@ def fuse_scores(sim, topk_idx, itm, mode="aptm"):
 # -----------------------------------------------------------------------------
 # Features and re-ranking (spec §6.1, §6.2)
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def amp_dtype(device, dtype="auto"):
-    """The autocast dtype of evaluation, None for fp32. dtype "auto": bf16 on CUDA (fp16 where bf16 is missing),
-    fp32 elsewhere; "float32" for parity with published numbers (the official evaluation runs in fp32)."""
-    if dtype == "auto":
-        if torch.device(device).type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None if dtype == "float32" else getattr(torch, dtype)
-
-
-def autocast_for(device, dtype="auto"):
-    amp = amp_dtype(device, dtype)
-    return torch.autocast(torch.device(device).type, dtype=amp) if amp is not None else nullcontext()
-
-
 @torch.inference_mode()
 def encode_images(model, image_paths, device, image_size, normalization, batch_size=64, num_workers=None,
                   progress=True, dtype="auto"):
@@ -206,8 +191,8 @@ def itm_rerank(model, text_embeds, text_atts, image_embeds, topk_idx, pair_batch
     All Q·k pairs form one list processed `pair_batch` at a time, so one forward covers many queries.
     Our speed-ups, which leave each logit unchanged: queries are visited in order of text length and each
     batch is cut to its longest text (padded keys are masked, so [CLS] does not see them), all these lengths
-    read back to the host at once (one sync, not one per batch); when the model offers `cross_kv`, every
-    image's cross-attention keys/values are computed once, not once per pair.
+    read back to the host at once (one sync, not one per batch); every image's cross-attention keys/values are
+    computed once (`cross_kv`), not once per pair.
     """
     device = text_embeds.device
     num_queries, k = topk_idx.shape
@@ -220,20 +205,16 @@ def itm_rerank(model, text_embeds, text_atts, image_embeds, topk_idx, pair_batch
     starts = range(0, num_pairs, pair_batch)
     last_pair = (torch.arange(len(starts), device=device) + 1).mul(pair_batch).clamp(max=num_pairs) - 1  # (n,)
     batch_lengths = lengths[query_idx[last_pair]].tolist()  # longest text of each batch: its last (one sync)
-    use_kv = hasattr(model, "cross_kv")
     with autocast_for(device, dtype):
-        image_kv = model.cross_kv(image_embeds) if use_kv else None
+        image_kv = model.cross_kv(image_embeds)
     itm = torch.empty(num_pairs, device=device)  # (Q·k,)
     for start, length in tqdm(zip(starts, batch_lengths), total=len(starts), desc="itm", disable=not progress,
                               leave=False):
         pairs = slice(start, start + pair_batch)
         q, g = query_idx[pairs], image_idx[pairs]  # (P,), (P,)
         with autocast_for(device, dtype):
-            if use_kv:
-                logits = model.itm_logits(text_embeds[q, :length], text_atts[q, :length],
-                                          image_kv=_take(image_kv, g))  # (P, 2)
-            else:
-                logits = model.itm_logits(text_embeds[q, :length], text_atts[q, :length], image_embeds[g])
+            logits = model.itm_logits(text_embeds[q, :length], text_atts[q, :length],
+                                      image_kv=_take(image_kv, g))  # (P, 2)
         itm[slots[pairs]] = logits[:, 1].float()  # raw match logit, spec §6.2
     return itm.view(num_queries, k)
 
@@ -338,8 +319,8 @@ def parse_args(argv=None):
     parser.add_argument("--split", default="test", choices=("test", "val"))
     # ranking (spec §6.2)
     parser.add_argument("--fusion", default="aptm", choices=FUSION_MODES, help="aptm: released code, one "
-                        "GPU; aptm4: released code on 4 GPUs (published numbers); itm: first release; itc: no "
-                        "re-rank")
+                        "GPU; aptm4: released code on 4 GPUs; itm: first release (probably the paper's numbers, "
+                        "spec §10.3); itc: no re-rank")
     parser.add_argument("--k-rerank", type=int, default=128, help="images re-ranked by ITM per query "
                         "(k_test: 128 in configs/*.yaml)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
@@ -388,24 +369,6 @@ def parse_args(argv=None):
     return args
 
 
-def load_model_and_tokenizer(ckpt_path, bert_dir, device):
-    """Rebuild the model and its tokenizer from a checkpoint alone (DESIGN.md §3); official checkpoints
-    carry no tokenizer, so theirs comes from --bert."""
-    ckpt = data.read_checkpoint(ckpt_path)
-    if ckpt.get("tokenizer") is not None:
-        tokenizer = data.Tokenizer.from_state(ckpt["tokenizer"])
-    elif bert_dir is not None:
-        tokenizer = data.Tokenizer.from_bert_dir(bert_dir)
-    else:
-        data.fail(f"{ckpt_path} has no tokenizer (an official APTM checkpoint?): pass --bert DIR, a "
-                  "bert-base-uncased folder with vocab.txt")
-    model = build_from_checkpoint(ckpt).to(device).eval()
-    if tokenizer.vocab_size != model.config.vocab_size:
-        data.fail(f"{ckpt_path}: the model has {model.config.vocab_size} word embeddings but the vocabulary has "
-                  f"{tokenizer.vocab_size} entries")
-    return model, tokenizer
-
-
 def run_search(args, model, tokenizer, device, normalization):
     """Rank a gallery for one query with the evaluation's two-stage scoring; print and draw the top."""
     if args.images is not None:
@@ -443,8 +406,10 @@ def run_search(args, model, tokenizer, device, normalization):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.dataset == "synthetic" and args.images is None:
+        synthetic.synthetic_world(args.data_root or "data/synthetic")  # generated with the defaults if missing
     device = torch.device(args.device)
-    model, tokenizer = load_model_and_tokenizer(args.ckpt, args.bert, device)
+    model, tokenizer = data.load_model_and_tokenizer(args.ckpt, args.bert, device)
     normalization = data.NORMALIZATION[args.dataset]
     if args.query is not None or args.query_index is not None:
         run_search(args, model, tokenizer, device, normalization)

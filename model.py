@@ -20,6 +20,7 @@ H x W Swin stage grid, w window side, T = w*w tokens per window, nW windows per 
 
 import math
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -527,21 +528,40 @@ def double_lr_prefixes(config, double_lr):
     raise ValueError(f"double_lr must be 'cross', 'finetune' or 'none', got {double_lr!r}")
 
 
+ADAMW_BETAS, ADAMW_EPS = (0.9, 0.98), 1e-8  # spec §5.1 [optim.py]
+
+
 def optimizer_groups(model, weight_decay=0.01, lr=1e-4, lr_mult=2.0, double_lr="cross"):
     """Four AdamW groups: (decay, lr), (no decay, lr), (decay, lr_mult*lr), (no decay, lr_mult*lr).
 
-    Each group also carries "lr_mult" (1 or lr_mult) so a schedule can set lr = get_lr(step) * lr_mult.
-    Pass the unwrapped model (no DDP "module." prefix). Tied tensors appear once, under their first name
-    (the MLM decoder weight under word_embeddings, so it gets the base lr, spec §5.1).
+    A schedule multiplies each group's own lr by get_lr(step). Pass the unwrapped model (no DDP "module."
+    prefix). Tied tensors appear once, under their first name (the MLM decoder weight under word_embeddings,
+    so it gets the base lr, spec §5.1).
     """
     fast = double_lr_prefixes(model.config, double_lr)
-    groups = [dict(params=[], weight_decay=wd, lr=lr * mult, lr_mult=mult)
+    groups = [dict(params=[], weight_decay=wd, lr=lr * mult)
               for mult in (1.0, lr_mult) for wd in (weight_decay, 0.0)]
     for name, param in model.named_parameters():
         if param.requires_grad:
             no_decay = any(s in name for s in NO_DECAY)
             groups[2 * name.startswith(fast) + no_decay]["params"].append(param)
     return groups
+
+
+def amp_dtype(device, dtype="auto"):
+    """The autocast dtype, None for fp32. dtype "auto": bf16 on CUDA (fp16 where bf16 is missing), None (fp32)
+    elsewhere; or a torch dtype name ("float32" for parity with published numbers: the official evaluation is fp32)."""
+    if dtype == "auto":
+        if torch.device(device).type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None if dtype == "float32" else getattr(torch, dtype)
+
+
+def autocast_for(device, dtype="auto"):
+    """Autocast at amp_dtype(device, dtype), or no autocast where that is fp32."""
+    amp = amp_dtype(device, dtype)
+    return torch.autocast(torch.device(device).type, dtype=amp) if amp is not None else nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,20 +6,19 @@
     torchrun --nproc_per_node 4 pretrain.py --preset aptm-base ...                      # several GPUs (DDP)
     python pretrain.py --resume out/pretrain/ckpt.pt                                     # continue a killed run exactly
 
-This file also holds the training plumbing that finetune.py reuses: distributed set-up, the feature gather
-for ITC, the learning-rate schedule `get_lr`, checkpoints, and `train()`, one plain mixed-precision loop.
+Read top to bottom: the settings, the training plumbing that finetune.py imports too (distributed set-up, the
+feature gather for ITC, the epoch sampler, the schedule `get_lr`, the optimizer, RNG states and checkpoints), the
+objective E9 on one batch, and main() with the training loop written out.
 
 Shapes: B batch, L text tokens, N image tokens, Dv/Dt vision/text widths, D projection width.
 """
 import argparse
 import json
-import math
 import os
 import random
-import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -28,19 +27,21 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from attributes import MALS_PROMPTS, PromptStream, attribute_draws
-from data import (NORMALIZATION, PretrainDataset, PromptMasking, Tokenizer, check_images, device_images, fail,
-                  load_retrieval, read_checkpoint, read_mals, synthetic_world, train_transform)
+from data import (NORMALIZATION, PretrainDataset, PromptMasking, Tokenizer, device_images, fail, load_retrieval,
+                  read_checkpoint, read_mals, train_transform)
 from evaluate import evaluate_retrieval
-from losses import categorical_noise, itc_loss, itm_loss, mlm_loss, pretrain_objective, sample_hard_negatives
-from model import APTM, CONFIGS, load_bert, load_swin, optimizer_groups, take_kv
+from losses import (APL_WEIGHT, categorical_noise, itc_loss, itm_loss, mlm_loss, pretrain_objective,
+                    sample_hard_negatives)
+from model import ADAMW_BETAS, ADAMW_EPS, APTM, CONFIGS, amp_dtype, load_bert, load_swin, optimizer_groups, take_kv
+from synthetic import synthetic_world
 
 # Data-loader processes: on a GPU machine they decode, augment and mask while the GPU computes; on a CPU they
 # would take the cores the model's threads spin on (measured: 10-30x slower steps), so there the main process
 # loads the data itself.
 DEFAULT_WORKERS = 6 if torch.cuda.is_available() else 0
 
-# Run lengths that differ between the CPU default and the paper (spec §5.4); None on the command line means "take
-# the preset's value".
+# Everything that differs between the CPU default and the paper (spec §5.4), beside the model sizes in
+# model.CONFIGS; None on the command line means "take the preset's value".
 PRESET_DEFAULTS = {
     "tiny": dict(epochs=7, batch_size=48, warmup_steps=50, lr=1e-3, erasing_p=0.0, k_rerank=32, eval_batch_size=128,
                  uniform_negatives=1.0, label_smoothing=0.0),
@@ -72,8 +73,9 @@ def get_args(argv=None):
     parser.add_argument("--batch-size", type=int, help="per process; paper 150 on each of 4 GPUs; tiny 48")
     parser.add_argument("--lr", type=float, help="AdamW lr; paper 1e-4 (spec §5.1); tiny (from scratch) 1e-3")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="spec §5.1")
-    parser.add_argument("--warmup-steps", type=int, help="linear warm-up; paper 2600 (spec §5.2)")
-    parser.add_argument("--beta", type=float, default=0.8, help="weight of the attribute stream, E9 (config key 't')")
+    parser.add_argument("--warmup-steps", type=int, help="linear warm-up W, in steps; paper 2600 (spec §5.2); tiny 50")
+    parser.add_argument("--beta", type=float, default=APL_WEIGHT,
+                        help="weight of the attribute stream, E9 (config key 't', losses.APL_WEIGHT)")
     parser.add_argument("--label-smoothing", type=float, help="ε of E7 on IAC and IAM; paper 0.4 (spec §2.8); tiny "
                         "(from scratch) 0: with targets 0.8/0.2 its IAC and IAM stay at their class priors")
     parser.add_argument("--uniform-negatives", type=float, help=UNIFORM_NEGATIVES_HELP)
@@ -94,18 +96,18 @@ def get_args(argv=None):
                         "its full length")
     parser.add_argument("--resume", help="checkpoint to continue from, with its saved settings")
     args = parser.parse_args(argv)
-    return fill_preset_defaults(args, parser, PRESET_DEFAULTS)
+    return fill_preset_defaults(args, parser, PRESET_DEFAULTS[args.preset])
 
 
-def fill_preset_defaults(args, parser, table):
-    """Take the run lengths the user did not give from the preset's row of `table`, and check the numbers."""
-    for key, value in table[args.preset].items():
+def fill_preset_defaults(args, parser, preset):
+    """Take the settings the user did not give from the preset's row, and check the numbers."""
+    for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1")
-    if not 0 <= args.uniform_negatives <= 1:
+    if args.uniform_negatives is not None and not 0 <= args.uniform_negatives <= 1:
         parser.error("--uniform-negatives is a fraction in [0, 1]")
     if args.batch_size < 2:
         parser.error("--batch-size must be at least 2: ITM needs an in-batch negative (spec §2.3)")
@@ -113,7 +115,18 @@ def fill_preset_defaults(args, parser, table):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Plumbing shared with finetune.py: distributed set-up, precision, sampling, schedule, checkpoints
+# Plumbing shared with finetune.py: settings on --resume, distributed set-up, precision, the ITC gather, the epoch
+# sampler, the schedule, the optimizer, RNG states, checkpoints. Each has a trap in it, so it is written once.
+
+
+def resume_settings(args):
+    """(args, checkpoint): without --resume, the command's settings and None; with it, the run's saved settings
+    (all but --max-steps and --resume, which come from the command) and the checkpoint to continue from."""
+    if not args.resume:
+        return args, None
+    checkpoint = read_checkpoint(args.resume)
+    saved = {**checkpoint["args"], "max_steps": args.max_steps, "resume": args.resume}
+    return argparse.Namespace(**saved), checkpoint
 
 
 def setup_distributed(device_name):
@@ -130,12 +143,22 @@ def setup_distributed(device_name):
     return rank, world_size, torch.device("cpu")
 
 
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed):
+    """The global torch, numpy and Python generators (official: 42 + rank, spec §5.3); rng_state saves all three."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def autocast_setup(device, dtype_name):
-    """(autocast context, dtype, GradScaler): bf16 where supported, fp16 + loss scaling otherwise, fp32 on CPU."""
-    if dtype_name == "auto":
-        dtype_name = "float32" if device.type != "cuda" else (
-            "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
-    dtype = getattr(torch, dtype_name)
+    """(autocast context, dtype, GradScaler): --dtype auto is model.amp_dtype (bf16 where supported, else fp16)
+    on a GPU and fp32 on a CPU; the scaler is on for fp16 only, so one update path serves every precision."""
+    dtype = getattr(torch, dtype_name) if dtype_name != "auto" else amp_dtype(device) or torch.float32
     ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     return ctx, dtype, scaler
@@ -191,8 +214,25 @@ class EpochBatches(torch.utils.data.Sampler):
         return len(self.batches)
 
 
-def steps_per_epoch(num_samples, batch_size, world_size):
-    return num_samples // (batch_size * world_size)
+def schedule_steps(num_samples, batch_size, world_size, epochs):
+    """(steps per epoch, T). Each epoch runs ⌊N/(B·W)⌋ steps: the loader drops the last incomplete batch, as the
+    official loader does (drop_last), so that every batch is whole on every rank (ITC gathers equal shares and ITM
+    needs in-batch negatives). The schedule's length is T = epochs·⌈N/(B·W)⌉, as the official scheduler counts it
+    (spec §5.2): when B·W does not divide N the lr ends just above 0 instead of at 0."""
+    per_epoch = num_samples // (batch_size * world_size)
+    if per_epoch == 0:
+        fail(f"{num_samples} training samples cannot fill one batch of {batch_size} x {world_size} processes")
+    return per_epoch, epochs * -(-num_samples // (batch_size * world_size))
+
+
+def make_optimizer(model, lr, weight_decay, double_lr):
+    """AdamW over the four groups of spec §5.1 (double_lr names the parameters trained at 2x lr: "cross" in
+    pre-training, "finetune" in fine-tuning). Each group keeps its base lr, which get_lr(step) multiplies."""
+    optimizer = torch.optim.AdamW(optimizer_groups(model, weight_decay, lr, double_lr=double_lr), lr=lr,
+                                  betas=ADAMW_BETAS, eps=ADAMW_EPS)
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
+    return optimizer
 
 
 def get_lr(step, total_steps, warmup_steps, schedule):
@@ -231,141 +271,24 @@ def save_checkpoint(path, checkpoint):
     os.replace(tmp, path)
 
 
-def train(args, objective, model, tokenizer, dataset, evaluate_epoch, double_lr, schedule, warmup):
-    """The training loop shared by pre-training and fine-tuning.
-
-    objective(batch, generator, progress) -> dict of named loss terms with "total" (a module, so that DDP sees the
-    forward); progress = step / total steps, in [0, 1);
-    evaluate_epoch(model, epoch) -> metrics dict runs on rank 0 after each epoch; the epoch with the highest
-    metrics["val_R1"] is the best (the best value so far is kept in the checkpoint, so a resumed run compares
-    against it). warmup: steps (int) or a fraction of all steps (float). double_lr: the 2x lr set of spec §5.1.
-    Writes out_dir/ckpt.pt after each epoch (and at --max-steps), out_dir/best.pt for the best epoch, and log.jsonl.
-    """
-    rank, world_size, device = args.rank, args.world_size, args.device_obj
-    master = rank == 0
-    ctx, dtype, scaler = autocast_setup(device, args.dtype)
-    optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay, args.lr, 2.0, double_lr),
-                                  lr=args.lr, betas=(0.9, 0.98), eps=1e-8)  # spec §5.1
-    for group in optimizer.param_groups:
-        group["base_lr"] = group["lr"]
-    generator = torch.Generator(device).manual_seed(args.seed + rank)  # hard negatives, IAM prompts, MAM images
-    per_epoch = steps_per_epoch(len(dataset), args.batch_size, world_size)
-    if per_epoch == 0:
-        fail(f"{len(dataset)} training samples cannot fill one batch of {args.batch_size} x {world_size} processes")
-    total_steps = args.epochs * per_epoch
-    # Warm-up W is a step count, or a fraction of all steps when given as a float (spec §5.2).
-    warmup_steps = int(warmup * total_steps) if isinstance(warmup, float) else warmup
-    step, best = 0, None
-    if args.resume_checkpoint is not None:
-        checkpoint = args.resume_checkpoint
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"][min(rank, len(checkpoint["rng"]) - 1)], generator)
-        step, best = checkpoint["step"], checkpoint.get("best")
-    wrapped = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world_size > 1 else objective
-    log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
-
-    def checkpoint_dict():
-        states = [rng_state(generator)]
-        if world_size > 1:  # every rank's RNG, so a resumed DDP run continues exactly
-            gathered = [None] * world_size
-            dist.all_gather_object(gathered, states[0])
-            states = gathered
-        return dict(model=model.state_dict(), config=asdict(model.config), tokenizer=tokenizer.state(),
-                    args={k: v for k, v in vars(args).items() if not k.startswith(("device_obj", "resume_ch"))},
-                    step=step, best=best, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=states)
-
-    if master:
-        print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {world_size} x {device} "
-              f"({dtype}), {len(dataset):,} samples, {per_epoch} steps/epoch x {args.epochs} epochs")
-    last_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-    t_log, pairs_since_log = time.time(), 0
-    while step < last_step:
-        epoch, start = divmod(step, per_epoch)
-        dataset.set_epoch(epoch)
-        sampler = EpochBatches(len(dataset), args.batch_size, args.seed, epoch, rank, world_size, start)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                                             pin_memory=device.type == "cuda", generator=torch.Generator())
-        model.train()
-        bar = tqdm(loader, total=len(sampler), desc=f"epoch {epoch}", disable=not master, leave=False,
-                   dynamic_ncols=True)
-        is_best = False
-        for batch in bar:
-            # ---------------- TRAINING STEP BEGIN ----------------
-            lr_factor = get_lr(step, total_steps, warmup_steps, schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with ctx:
-                terms = wrapped(batch, generator, step / total_steps)
-            if not torch.isfinite(terms["total"]):
-                values = {k: round(v.item(), 4) for k, v in terms.items()}
-                fail(f"non-finite loss at step {step}: {values} (lower --lr, or try --dtype float32)")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms["total"]).backward()
-            scaler.unscale_(optimizer)
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            # ---------------- TRAINING STEP END ----------------
-            pairs_since_log += len(batch["image"]) * world_size
-            if master and (step % args.log_every == 0 or step == last_step):
-                seconds = time.time() - t_log
-                record = dict(step=step, epoch=epoch, lr=args.lr * lr_factor,
-                              **{k: round(v.item(), 4) for k, v in terms.items()},
-                              pairs_per_s=round(pairs_since_log / seconds, 1))
-                tqdm.write(" | ".join(f"{k} {v}" for k, v in record.items()))
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                t_log, pairs_since_log = time.time(), 0
-            if step == last_step:
-                break
-        epoch_done = step % per_epoch == 0
-        if epoch_done and master:
-            metrics = evaluate_epoch(model, epoch)
-            is_best = "val_R1" in metrics and (best is None or metrics["val_R1"] > best)
-            best = metrics["val_R1"] if is_best else best
-            if metrics:
-                tqdm.write(f"epoch {epoch} | " + " | ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-                log_file.write(json.dumps(dict(step=step, epoch=epoch, **metrics)) + "\n")
-                log_file.flush()
-        if world_size > 1:
-            dist.barrier()
-        checkpoint = checkpoint_dict()
-        if master:
-            save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), checkpoint)
-            if epoch_done and is_best:
-                save_checkpoint(os.path.join(args.out_dir, "best.pt"), checkpoint)
-    if master:
-        log_file.close()
-    return step
+def all_rng_states(generator, world_size):
+    """Every rank's RNG states, indexed by rank, for the checkpoint: a resumed DDP run then continues exactly.
+    Under DDP this is a collective call that every rank makes."""
+    state = rng_state(generator)
+    if world_size == 1:
+        return [state]
+    states = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
 
 
-def init_run(args):
-    """Distributed set-up, seeds, output folder, and --resume: the run's saved settings replace the command's
-    (except --max-steps)."""
-    args.rank, args.world_size, args.device_obj = setup_distributed(args.device)
-    args.resume_checkpoint = None
-    if args.resume:
-        checkpoint = read_checkpoint(args.resume)
-        saved = dict(checkpoint["args"])
-        for key in ("max_steps", "resume", "rank", "world_size"):
-            saved.pop(key, None)
-        vars(args).update(saved)
-        args.resume_checkpoint = checkpoint
-    torch.manual_seed(args.seed + args.rank)
-    np.random.seed(args.seed + args.rank)
-    random.seed(args.seed + args.rank)
-    os.makedirs(args.out_dir, exist_ok=True)
-    return args
-
-
-def cleanup_distributed():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def restore(checkpoint, optimizer, scaler, generator, rank):
+    """Continue exactly where `checkpoint` stopped (the model is loaded by the caller): optimizer moments, loss
+    scale and this rank's RNG states. Returns (step, best validation value so far)."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"][min(rank, len(checkpoint["rng"]) - 1)], generator)
+    return checkpoint["step"], checkpoint.get("best")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -376,7 +299,7 @@ def retrieval_losses(model, image_kv, image_feat, input_ids, attention_mask, pid
     """ITC (E1, over the batch gathered from all processes) and ITM with in-batch hard negatives (E2), or uniform
     ones, for one batch of captions. image_kv: model.cross_kv of the batch's images (each image's keys/values
     projected once, then indexed for its pairs); negatives: the (2, B, B) categorical_noise of the draws (or a
-    torch.Generator). Returns (itc, itm, text_embeds). finetune.py calls it for the caption and its EDA copy."""
+    torch.Generator). Returns (itc, itm). finetune.py calls it for the caption and its EDA copy."""
     text_embeds = model.encode_text(input_ids, attention_mask)                        # (B, L, Dt)
     text_feat = model.text_feat(text_embeds)                                          # (B, D)
     loss_itc = itc_loss(gather(image_feat), gather(text_feat), gather(pid), model.temp)
@@ -389,11 +312,12 @@ def retrieval_losses(model, image_kv, image_feat, input_ids, attention_mask, pid
     pair_image = torch.cat([own, neg_image, own])                                     # (3B,)
     labels = torch.cat([torch.ones_like(pid), torch.zeros_like(pid), torch.zeros_like(pid)])  # (3B,)
     loss_itm = itm_loss(model.itm_logits(pair_text, pair_atts, image_kv=take_kv(image_kv, pair_image)), labels)
-    return loss_itc, loss_itm, text_embeds
+    return loss_itc, loss_itm
 
 
 class PretrainObjective(torch.nn.Module):
-    """E9 on one batch: L = L_itc + L_itm + L_mlm + β·(L_iac + L_iam + L_mam)/3 (spec §2.9)."""
+    """E9 on one batch: L = L_itc + L_itm + L_mlm + β·(L_iac + L_iam + L_mam)/3 (spec §2.9). A module, so that DDP
+    sees the whole forward."""
 
     def __init__(self, model, tokenizer, prompts, beta, label_smoothing, max_tokens, uniform_negatives):
         super().__init__()
@@ -401,6 +325,7 @@ class PretrainObjective(torch.nn.Module):
         self.prompts = PromptStream(tokenizer, prompts, max_tokens, label_smoothing)
 
     def forward(self, batch, generator, progress):
+        """batch from PretrainDataset; progress = step / T in [0, 1) -> dict of named loss terms with "total"."""
         return self.losses(batch, *self.draw(batch, generator, progress))
 
     def draw(self, batch, generator, progress):
@@ -417,8 +342,8 @@ class PretrainObjective(torch.nn.Module):
         image_embeds = model.encode_image(images)                                     # (B, N, Dv)
         image_feat = model.image_feat(image_embeds)                                   # (B, D)
         image_kv = model.cross_kv(image_embeds)       # each image's cross-attention keys/values, projected once
-        loss_itc, loss_itm, _ = retrieval_losses(model, image_kv, image_feat, batch["input_ids"],
-                                                 batch["attention_mask"], batch["pid"], draws["negatives"], uniform)
+        loss_itc, loss_itm = retrieval_losses(model, image_kv, image_feat, batch["input_ids"],
+                                              batch["attention_mask"], batch["pid"], draws["negatives"], uniform)
         # MLM on the caption, conditioned on the image (E3); the masks were drawn in the data-loader workers.
         mlm_logits = model.mlm_logits(batch["masked_ids"], batch["attention_mask"], None, batch["masked_pos"],
                                       image_kv=image_kv)                              # (B, M, V)
@@ -431,65 +356,133 @@ class PretrainObjective(torch.nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_tokenizer(args, corpus):
-    """bert-base-uncased's vocabulary with --bert, otherwise one built offline from the texts (spec §1.3)."""
-    if args.resume_checkpoint is not None:
-        return Tokenizer.from_state(args.resume_checkpoint["tokenizer"])
-    if args.bert:
-        return Tokenizer.from_bert_dir(args.bert)
-    return Tokenizer.from_corpus(corpus)
+def main(argv=None):
+    args, resume = resume_settings(get_args(argv))
+    rank, world_size, device = setup_distributed(args.device)
+    master = rank == 0
+    seed_everything(args.seed + rank)
+    os.makedirs(args.out_dir, exist_ok=True)
 
-
-def build_model(args, tokenizer):
-    config = CONFIGS[args.preset]
-    config = type(config)(**{**asdict(config), "vocab_size": tokenizer.vocab_size})
-    model = APTM(config)
+    # data: MALS files, or the synthetic world's (read_mals checks that every image exists)
+    if args.ann:
+        entries = read_mals(args.ann, args.image_root or ".")
+    else:
+        world = synthetic_world(args.data_dir)
+        entries = read_mals(world["mals_ann"], world["mals_root"])
+    # tokenizer: the checkpoint's, bert-base-uncased's vocabulary, or one built offline from the texts (spec §1.3)
+    if resume is not None:
+        tokenizer = Tokenizer.from_state(resume["tokenizer"])
+    elif args.bert:
+        tokenizer = Tokenizer.from_bert_dir(args.bert)
+    else:
+        tokenizer = Tokenizer.from_corpus([e["caption"] for e in entries] + list(MALS_PROMPTS))
+    # model: the preset's size with the tokenizer's vocabulary; BERT and Swin weights when given (spec §5.3)
+    model = APTM(replace(CONFIGS[args.preset], vocab_size=tokenizer.vocab_size))
     if args.bert:
         load_bert(model, args.bert)
     if args.swin:
         load_swin(model, args.swin)
-    if args.resume_checkpoint is not None:
-        model.load_state_dict(args.resume_checkpoint["model"])
-    return model.to(args.device_obj)
-
-
-def retrieval_monitor(args, tokenizer, dataset, normalization):
-    """evaluate_epoch for train(): text→image retrieval metrics on the validation split, named "val_R1" etc."""
-    if dataset == "none":
-        return lambda model, epoch: {}
-    testset = load_retrieval(dataset, args.val_root or args.synthetic["cuhk_raw"], "val")
-    def evaluate_epoch(model, epoch):
-        metrics = evaluate_retrieval(model, tokenizer, testset, args.device_obj, k_rerank=args.k_rerank,
-                                     normalization=normalization, batch_size=args.eval_batch_size)
-        return {f"val_{k}": v for k, v in metrics.items() if k in ("R1", "R5", "R10", "mAP", "mINP")}
-
-    return evaluate_epoch
-
-
-def main(argv=None):
-    args = init_run(get_args(argv))
-    if args.ann:
-        entries = read_mals(args.ann, args.image_root or ".")
-    else:
-        args.synthetic = synthetic_world(args.data_dir)
-        entries = read_mals(args.synthetic["mals_ann"], args.synthetic["mals_root"])
-    if args.val_dataset == "synthetic" and not hasattr(args, "synthetic"):
-        args.synthetic = synthetic_world(args.data_dir)
-    check_images([entry["image"] for entry in entries])
-    tokenizer = build_tokenizer(args, [e["caption"] for e in entries] + list(MALS_PROMPTS))
-    model = build_model(args, tokenizer)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+    model = model.to(device)
     config = model.config
-    transform = train_transform(config.image_size, NORMALIZATION["mals"], args.erasing_p)
-    dataset = PretrainDataset(entries, transform, tokenizer, config.max_tokens, seed=args.seed,
+    dataset = PretrainDataset(entries, train_transform(config.image_size, NORMALIZATION["mals"], args.erasing_p),
+                              tokenizer, config.max_tokens, seed=args.seed,
                               prompt_masking=PromptMasking(tokenizer, MALS_PROMPTS, config.max_tokens))
     objective = PretrainObjective(model, tokenizer, MALS_PROMPTS, args.beta, args.label_smoothing,
-                                  config.max_tokens, args.uniform_negatives).to(args.device_obj)
-    monitor = retrieval_monitor(args, tokenizer, args.val_dataset,
-                                NORMALIZATION.get(args.val_dataset))
-    t0 = time.time()
-    train(args, objective, model, tokenizer, dataset, monitor, double_lr="cross", schedule="linear",
-          warmup=args.warmup_steps)
-    if args.rank == 0:
+                                  config.max_tokens, args.uniform_negatives).to(device)
+    # zero-shot retrieval on a validation split, monitored each epoch (the official run watches CUHK test, §5.3)
+    valset = None
+    if args.val_dataset != "none":
+        val_root = args.val_root or (synthetic_world(args.data_dir)["cuhk_raw"] if args.val_dataset == "synthetic"
+                                     else None)
+        valset = load_retrieval(args.val_dataset, val_root, "val")
+
+    # optimisation: AdamW with the 2x lr set of pre-training (spec §5.1), linear schedule with W warm-up steps (§5.2)
+    ctx, dtype, scaler = autocast_setup(device, args.dtype)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, double_lr="cross")
+    generator = torch.Generator(device).manual_seed(args.seed + rank)  # hard negatives, IAM prompts, MAM images
+    per_epoch, total_steps = schedule_steps(len(dataset), args.batch_size, world_size, args.epochs)
+    step, best = restore(resume, optimizer, scaler, generator, rank) if resume is not None else (0, None)
+    last_step = args.epochs * per_epoch if args.max_steps is None else min(args.epochs * per_epoch, args.max_steps)
+    wrapped = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world_size > 1 else objective
+    log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
+    if master:
+        print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {world_size} x {device} "
+              f"({dtype}), {len(dataset):,} samples, {per_epoch} steps/epoch x {args.epochs} epochs")
+    t0 = t_log = time.time()
+    pairs_since_log = 0
+    while step < last_step:
+        # one epoch's batches, from where a resumed run stopped; each sample's augmentation is seeded by
+        # (seed, epoch, index), so it is the same with any number of workers
+        epoch, start = divmod(step, per_epoch)
+        dataset.set_epoch(epoch)
+        sampler = EpochBatches(len(dataset), args.batch_size, args.seed, epoch, rank, world_size, start)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
+                                             pin_memory=device.type == "cuda", generator=torch.Generator())
+        model.train()
+        for batch in tqdm(loader, total=len(sampler), desc=f"epoch {epoch}", disable=not master, leave=False,
+                          dynamic_ncols=True):
+            # ---------------- TRAINING STEP BEGIN ----------------
+            # lr: every group's base lr times λ(step) (spec §5.2)
+            lr_factor = get_lr(step, total_steps, args.warmup_steps, "linear")
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            # forward under autocast: every loss term of E9
+            with ctx:
+                terms = wrapped(batch, generator, step / total_steps)
+            if not torch.isfinite(terms["total"]):
+                values = {k: round(v.item(), 4) for k, v in terms.items()}
+                fail(f"non-finite loss at step {step}: {values} (lower --lr, or try --dtype float32)")
+            # backward through the scaler (a no-op unless fp16), unscale, clip, step
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["total"]).backward()
+            scaler.unscale_(optimizer)
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            # ---------------- TRAINING STEP END ----------------
+            # log: every term, the lr and the throughput, on screen and in log.jsonl
+            pairs_since_log += len(batch["image"]) * world_size
+            if master and (step % args.log_every == 0 or step == last_step):
+                record = dict(step=step, epoch=epoch, lr=args.lr * lr_factor,
+                              **{k: round(v.item(), 4) for k, v in terms.items()},
+                              pairs_per_s=round(pairs_since_log / (time.time() - t_log), 1))
+                tqdm.write(" | ".join(f"{k} {v}" for k, v in record.items()))
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                t_log, pairs_since_log = time.time(), 0
+            if step == last_step:
+                break
+        # evaluate: zero-shot retrieval on the validation split after each whole epoch; the best R1 is kept
+        epoch_done, is_best = step % per_epoch == 0, False
+        if epoch_done and master and valset is not None:
+            metrics = evaluate_retrieval(model, tokenizer, valset, device, k_rerank=args.k_rerank,
+                                         normalization=NORMALIZATION[args.val_dataset],
+                                         batch_size=args.eval_batch_size)
+            metrics = {f"val_{k}": metrics[k] for k in ("R1", "R5", "R10", "mAP", "mINP")}
+            is_best = best is None or metrics["val_R1"] > best
+            best = metrics["val_R1"] if is_best else best
+            tqdm.write(f"epoch {epoch} | " + " | ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+            log_file.write(json.dumps(dict(step=step, epoch=epoch, **metrics)) + "\n")
+            log_file.flush()
+        # checkpoint: after each epoch and at --max-steps; best.pt for the best epoch, with its value
+        if world_size > 1:
+            dist.barrier()
+        rng = all_rng_states(generator, world_size)
+        if master:
+            checkpoint = dict(model=model.state_dict(), config=asdict(config), tokenizer=tokenizer.state(),
+                              args=vars(args), step=step, best=best, optimizer=optimizer.state_dict(),
+                              scaler=scaler.state_dict(), rng=rng)
+            save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), checkpoint)
+            if is_best:
+                save_checkpoint(os.path.join(args.out_dir, "best.pt"), checkpoint)
+    if master:
+        log_file.close()
         print(f"done in {time.time() - t0:.0f} s; checkpoint: {os.path.join(args.out_dir, 'ckpt.pt')}")
     cleanup_distributed()
 

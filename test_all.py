@@ -32,7 +32,25 @@ import finetune
 import losses
 import model as M
 import pretrain
+import synthetic
 from model import APTM, CONFIGS, build_from_checkpoint, load_bert, load_state, load_swin, optimizer_groups
+
+
+# =====================================================================================================================
+# the file layout (DESIGN.md §2)
+# =====================================================================================================================
+
+
+def test_library_files_import_no_script():
+    """model, losses, data, synthetic and attributes import no script (pretrain, finetune, evaluate, bench): no
+    import cycle, and a library can be read without the training code."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = ("import sys, attributes, data, losses, model, synthetic; "
+            "print(sorted({'pretrain', 'finetune', 'evaluate', 'bench'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
 
 
 # =====================================================================================================================
@@ -904,7 +922,7 @@ def test_pair_auc_against_all_pairs():
 
 
 # ---------------------------------------------------------------------------------------------------
-# A fake model with the model.py API (PLAN.md), so that these tests do not depend on model.py
+# A fake model with the model.py API, so that these tests do not depend on model.py
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -1393,8 +1411,8 @@ TINY = dict(mals_ids=6, mals_images_per_id=2, train_ids=4, val_ids=2, test_ids=3
 
 
 def test_synthetic_world_deterministic_idempotent_and_readable(tmp_path):
-    a = data.make_synthetic(str(tmp_path / "a"), seed=3, **TINY)
-    b = data.make_synthetic(str(tmp_path / "b"), seed=3, workers=1, **TINY)  # same world, any process count
+    a = synthetic.make_synthetic(str(tmp_path / "a"), seed=3, **TINY)
+    b = synthetic.make_synthetic(str(tmp_path / "b"), seed=3, workers=1, **TINY)  # same world, any process count
     for key in ("cuhk_raw", "attr_test"):
         assert open(a[key]).read() == open(b[key]).read()
     assert open(a["mals_ann"][1]).read() == open(b["mals_ann"][1]).read()
@@ -1402,11 +1420,11 @@ def test_synthetic_world_deterministic_idempotent_and_readable(tmp_path):
             open(os.path.join(b["cuhk_root"], "synth", "00001_0.jpg"), "rb") as f2:
         assert f1.read() == f2.read()
     stamp = os.path.getmtime(a["info"])
-    assert data.make_synthetic(str(tmp_path / "a"), seed=3, **TINY) == a and os.path.getmtime(a["info"]) == stamp
+    assert synthetic.make_synthetic(str(tmp_path / "a"), seed=3, **TINY) == a and os.path.getmtime(a["info"]) == stamp
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
     mals = data.read_mals(a["mals_ann"], a["mals_root"])
     assert len(mals) == 12 and len({e["pid"] for e in mals}) == 12  # image_id unique per image, as MALS
-    assert all(e["label"] == data.label_caption(e["caption"]) for e in mals)
+    assert all(e["label"] == synthetic.label_caption(e["caption"]) for e in mals)
     train = data.read_retrieval("synthetic", a["cuhk_raw"], "train")
     assert len(train) == 4 * 2 * 2 and {e[2] for e in train} == set(range(4))
     test = data.read_retrieval("synthetic", a["cuhk_raw"], "test")
@@ -1416,7 +1434,7 @@ def test_synthetic_world_deterministic_idempotent_and_readable(tmp_path):
     assert len(attrs) == 4 and all(set(label) <= {0, 1} and len(label) == 27 for _, label in attrs)
     image = Image.open(attrs[0][0])
     assert image.size == (16, 48)
-    c = data.make_synthetic(str(tmp_path / "a"), seed=4, **TINY)  # other settings: regenerated in place
+    c = synthetic.make_synthetic(str(tmp_path / "a"), seed=4, **TINY)  # other settings: regenerated in place
     assert open(c["cuhk_raw"]).read() != open(b["cuhk_raw"]).read()
 
 
@@ -1424,9 +1442,9 @@ def test_synthetic_labels_follow_caption_words():
     rng = np.random.default_rng(0)
     silent = 0
     for _ in range(400):
-        identity = data.sample_identity(rng)
-        caption = data.make_caption(identity, rng)
-        label, truth = data.label_caption(caption), data.identity_label(identity)
+        identity = synthetic.sample_identity(rng)
+        caption = synthetic.make_caption(identity, rng)
+        label, truth = synthetic.label_caption(caption), synthetic.identity_label(identity)
         assert all(l == -1 or l == t for l, t in zip(label, truth)), (caption, label, truth)
         words = set(caption.lower().replace(".", " ").replace(",", " ").split())
         if not words & {"hat", "cap", "beanie"}:
@@ -1434,16 +1452,16 @@ def test_synthetic_labels_follow_caption_words():
             silent += 1
         assert sum(v != -1 for v in label) >= 1
     assert silent > 100
-    upper = [data.sample_identity(rng)["upper"] for _ in range(100)]
-    assert max(upper.count(c) for c in data.UPPER_COLOURS) >= 10  # identities share colours
+    upper = [synthetic.sample_identity(rng)["upper"] for _ in range(100)]
+    assert max(upper.count(c) for c in synthetic.UPPER_COLOURS) >= 10  # identities share colours
     # polarity (spec §3.1): README example "a young boy … jeans and a baseball cap" → [1, 0, …, 1, 1]
-    label = data.label_caption("a young boy wearing a black hoodie leaning against a wall with his hands on his "
+    label = synthetic.label_caption("a young boy wearing a black hoodie leaning against a wall with his hands on his "
                                "hips and his hands on his hips wearing jeans and a baseball cap")  # MALS README
     assert label[:2] == [1, 0] and label[3] == 0 and label[7:10] == [0, 0, 1] and label[-2:] == [1, 1]
     assert label[10] == 0 and label[11:18] == [1] * 7 and label[22] == 0  # black upper; jeans → blue lower
-    label = data.label_caption("A woman in a red t-shirt, without a hat, carries nothing.")
+    label = synthetic.label_caption("A woman in a red t-shirt, without a hat, carries nothing.")
     assert label[0] == 0 and label[3:8] == [1, 1, 1, 1, 1] and label[12] == 0 and label[10] == 1
-    assert data.label_caption("Her black hair and black shoes.")[10:] == [-1] * 17
+    assert synthetic.label_caption("Her black hair and black shoes.")[10:] == [-1] * 17
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1657,7 +1675,8 @@ def test_fusion_rejects_unknown_mode():
 
 class FakeModel(torch.nn.Module):
     """encode_image / encode_text / encode_cross / itm_logits / image_feat / text_feat with the shapes of
-    model.APTM; the [CLS] output of encode_cross sees every unpadded text token. No key/value cache."""
+    model.APTM; the [CLS] output of encode_cross sees every unpadded text token; cross_kv is a per-layer
+    (key, value) cache (one layer here)."""
 
     def __init__(self, vocab=50, dv=12, dt=16, d=8, num_tokens=5):
         super().__init__()
@@ -1690,10 +1709,6 @@ class FakeModel(torch.nn.Module):
     def itm_logits(self, text_embeds, text_atts, image_embeds=None, image_kv=None):
         return self.itm_head(self.encode_cross(text_embeds, text_atts, image_embeds, image_kv)[:, 0]).float()
 
-
-class FakeModelCached(FakeModel):
-    """The same model with a per-layer (key, value) cache (one layer here)."""
-
     def cross_kv(self, image_embeds):
         return [(self.key(image_embeds), self.value(image_embeds))]
 
@@ -1714,7 +1729,7 @@ def encoded_problem(model, num_queries=12, num_gallery=20, max_tokens=9, seed=0)
 
 def test_itm_rerank_matches_one_query_at_a_time():
     torch.manual_seed(0)
-    model = FakeModelCached().eval()
+    model = FakeModel().eval()
     text_embeds, text_atts, text_feat, image_embeds, image_feat = encoded_problem(model)
     topk_idx = (text_feat @ image_feat.t()).topk(6, dim=1).indices  # (Q, k)
     itm = evaluate.itm_rerank(model, text_embeds, text_atts, image_embeds, topk_idx, pair_batch=10,
@@ -1725,22 +1740,10 @@ def test_itm_rerank_matches_one_query_at_a_time():
     torch.testing.assert_close(itm, expected)
 
 
-def test_itm_rerank_without_cross_kv_cache_gives_same_logits():
-    torch.manual_seed(0)
-    cached = FakeModelCached().eval()
-    plain = FakeModel().eval()
-    plain.load_state_dict(cached.state_dict())
-    problem = encoded_problem(cached)
-    topk_idx = (problem[2] @ problem[4].t()).topk(6, dim=1).indices
-    args = (problem[0], problem[1], problem[3], topk_idx)
-    torch.testing.assert_close(evaluate.itm_rerank(cached, *args, pair_batch=7, progress=False),
-                               evaluate.itm_rerank(plain, *args, pair_batch=7, progress=False))
-
-
 @pytest.mark.parametrize("fusion", evaluate.FUSION_MODES)
 def test_rank_gallery_independent_of_query_chunks(fusion):
     torch.manual_seed(0)
-    model = FakeModelCached().eval()
+    model = FakeModel().eval()
     problem = encoded_problem(model, num_queries=12)
     k = 8
     one_chunk, _ = evaluate.rank_gallery(model, *problem, k_rerank=k, fusion=fusion, pair_batch=12 * k,
@@ -1758,7 +1761,7 @@ def test_rank_gallery_independent_of_query_chunks(fusion):
 
 def test_rank_gallery_k_larger_than_gallery():
     torch.manual_seed(0)
-    model = FakeModelCached().eval()
+    model = FakeModel().eval()
     problem = encoded_problem(model, num_queries=4, num_gallery=5)
     scores, _ = evaluate.rank_gallery(model, *problem, k_rerank=128, fusion="aptm", progress=False)
     assert scores.shape == (4, 5) and torch.isfinite(scores).all()
@@ -1774,7 +1777,7 @@ def world_and_ckpt(tmp_path_factory):
     import data
     from model import APTM, CONFIGS
     root = tmp_path_factory.mktemp("eval")
-    paths = data.make_synthetic(str(root / "world"), mals_ids=2, mals_images_per_id=1, train_ids=2, val_ids=2,
+    paths = synthetic.make_synthetic(str(root / "world"), mals_ids=2, mals_images_per_id=1, train_ids=2, val_ids=2,
                                 test_ids=3, images_per_id=2, attr_train=2, attr_test=2, workers=1)
     cuhk = str(root / "world" / "cuhk")
     tokenizer = data.Tokenizer.from_corpus(data.load_retrieval("cuhk", cuhk, "test").captions)
@@ -1792,7 +1795,7 @@ def world_and_ckpt(tmp_path_factory):
 def test_evaluate_retrieval_fake_model_itc_equals_plain_similarity(world_and_ckpt):
     import data
     torch.manual_seed(0)
-    model = FakeModelCached(vocab=world_and_ckpt["tokenizer"].vocab_size)
+    model = FakeModel(vocab=world_and_ckpt["tokenizer"].vocab_size)
     testset = data.load_retrieval("cuhk", world_and_ckpt["cuhk"], "test")
     kwargs = dict(image_size=(16, 8), normalization=data.NORMALIZATION["cuhk"], max_tokens=12, num_workers=0,
                   progress=False)
@@ -1878,7 +1881,7 @@ TINY_WORLD = dict(mals_ids=40, mals_images_per_id=2, train_ids=12, val_ids=4, te
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("world") / "synthetic")
-    data.make_synthetic(root, workers=1, **TINY_WORLD)
+    synthetic.make_synthetic(root, workers=1, **TINY_WORLD)
     return root
 
 
@@ -1937,7 +1940,8 @@ def test_uniform_negatives_for_the_first_part_of_the_run(world, tmp_path, monkey
 
 
 def test_finetune_and_evaluate_from_pretrained(world, tmp_path, capsys):
-    """pretrain → finetune --init → evaluate --ckpt → attributes --ckpt: the whole chain on CPU."""
+    """pretrain → finetune --init → evaluate --ckpt → attributes --ckpt → finetune --dataset synthetic-attr: the
+    whole chain on CPU."""
     pretrain.main(run_args(world, tmp_path / "pre", "--epochs", "1", "--val-dataset", "none"))
     init = str(tmp_path / "pre" / "ckpt.pt")
     finetune.main(run_args(world, tmp_path / "ft", "--init", init, "--epochs", "2", "--k-rerank", "4"))
@@ -1950,10 +1954,10 @@ def test_finetune_and_evaluate_from_pretrained(world, tmp_path, capsys):
     assert torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)["best"] == best_r1
     metrics = attributes.main(["--ckpt", init, "--data-root", world])
     assert set(metrics) == {"mA", "Acc", "Prec", "Rec", "F1", "AUC"}
-    tuned = attributes.main(["--ckpt", init, "--data-root", world, "--train", "--max-steps", "2", "--batch-size", "8",
-                             "--out-dir", str(tmp_path / "attr")])  # E13 fine-tuning, then the test split
+    tuned = finetune.main(run_args(world, tmp_path / "attr", "--dataset", "synthetic-attr", "--init", init,
+                                   "--max-steps", "2"))  # E13 fine-tuning, then the test split
     assert set(tuned) == set(metrics) and (tmp_path / "attr" / "ckpt.pt").exists()
-    image = data.read_attributes(data.synthetic_world(world)["attr_test"])[0][0]
+    image = data.read_attributes(synthetic.synthetic_world(world)["attr_test"])[0][0]
     assert attributes.main(["--ckpt", init, "--image", image]).shape == (27,)
 
 
