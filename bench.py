@@ -58,7 +58,7 @@ from evaluate import evaluate_retrieval
 from finetune import FinetuneObjective
 from losses import APL_WEIGHT, EDA_WEIGHT, IAM_NUM_PROMPTS
 from model import ADAMW_BETAS, ADAMW_EPS, APTM, CONFIGS, optimizer_groups
-from pretrain import PRESET_DEFAULTS, PretrainObjective
+from pretrain import PRESET_DEFAULTS, NonFiniteWatch, PretrainObjective
 
 MODES = ("fp32", "tf32", "bf16", "bf16-compile")
 
@@ -99,8 +99,8 @@ def get_args(argv=None):
     parser.add_argument("--batch-pretrain", type=int, help="default 150 (paper, per GPU); 8 with --smoke")
     parser.add_argument("--steps", type=int, help="timed steps per mode (default 10; 2 with --smoke)")
     parser.add_argument("--warmup", type=int, help="untimed steps first, incl. compilation (default 3; 1 smoke)")
-    parser.add_argument("--adam", default="foreach", choices=["foreach", "fused"],
-                        help="AdamW implementation; foreach is what the training scripts use")
+    parser.add_argument("--adam", default="fused", choices=["foreach", "fused"],
+                        help="AdamW implementation on a GPU; fused is what the training scripts use there")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing (APTM.checkpointing)")
     parser.add_argument("--no-checks", action="store_true", help="skip the sync count, the whole-graph compile check "
                         "and (GPU) the sync-debug step")
@@ -494,9 +494,14 @@ def build_objective(objective_name, model, tokenizer, device):
 
 
 def count_step_syncs(objective, batch, generator):
-    """Sync-forcing ops (SyncCounter) of one step's objective: the draws, the forward and the backward."""
+    """Sync-forcing ops (SyncCounter) of one training step: the draws, the forward, the loop's non-finite watch
+    and the backward. Not the optimizer: on a CPU its step counters are read on the host, as they are (on the
+    host) on a GPU; the sync-debug step covers it there."""
+    watch = NonFiniteWatch(batch["pid"].device)
     with SyncCounter() as syncs:
-        objective(batch, generator, 0.0)["total"].backward()
+        terms = objective(batch, generator, 0.0)
+        watch.update(0, terms)
+        terms["total"].backward()
     return syncs.counts
 
 

@@ -871,7 +871,7 @@ def join_prompt_rows(rows, num_prompts):
 class _SampleRandom:
     """Randomness of one sample, derived from (seed, epoch, index) alone: the same augmentation and masks whatever
     the number of DataLoader workers and wherever a resumed run restarts (exact resume); a new draw every epoch.
-    The training loop calls set_epoch before it builds each epoch's loader.
+    The training loop's sampler passes the epoch with the indices (pretrain.RunBatches); otherwise call set_epoch.
 
     With a `prompt_masking` (PromptMasking), each batch also carries one masking of every attribute prompt for
     MAM (spec §2.7), drawn in the DataLoader worker that loads the batch instead of in the training process, from
@@ -890,11 +890,15 @@ class _SampleRandom:
 
     def __getitems__(self, indices):
         """The samples of one batch (the DataLoader's batched fetch), plus the batch's prompt masking if any.
+        Indices given as (epoch, index) pairs (pretrain.RunBatches, whose workers outlive an epoch) set the epoch.
 
         default_collate stacks per-sample tensors, so the (P, ...) prompt masking travels split over the B
         samples: sample i carries rows i·r … i·r + r − 1, r = ⌈P / B⌉ (split_prompt_rows), and
         `join_prompt_rows` puts the collated (B, r, ...) back together.
         """
+        if indices and isinstance(indices[0], tuple):
+            self.set_epoch(indices[0][0])
+            indices = [index for _, index in indices]
         samples = [self[index] for index in indices]
         if self.prompt_masking is not None:
             _, generator = self._rngs(indices[0], stream=(1,))

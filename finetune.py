@@ -40,9 +40,10 @@ from data import (NORMALIZATION, AttributeDataset, FinetuneDataset, PromptMaskin
 from evaluate import evaluate_retrieval
 from losses import EDA_WEIGHT, categorical_noise, finetune_objective, mlm_loss, pa100k_objective
 from model import APTM, CONFIGS, load_bert
-from pretrain import (DEFAULT_WORKERS, UNIFORM_NEGATIVES_HELP, EpochBatches, all_rng_states, autocast_setup,
+from pretrain import (DEFAULT_WORKERS, UNIFORM_NEGATIVES_HELP, NonFiniteWatch, all_rng_states, autocast_setup,
                       cleanup_distributed, fill_preset_defaults, get_lr, make_optimizer, restore, resume_settings,
-                      retrieval_losses, save_checkpoint, schedule_steps, seed_everything, setup_distributed)
+                      retrieval_losses, run_loader, save_checkpoint, schedule_steps, seed_everything,
+                      setup_distributed)
 from synthetic import synthetic_world
 
 RETRIEVAL_DATASETS = ("synthetic", "cuhk", "icfg", "rstp")
@@ -252,14 +253,14 @@ def main(argv=None):
               f"({dtype}), {len(dataset):,} samples, {per_epoch} steps/epoch x {args.epochs} epochs")
     t0 = t_log = time.time()
     pairs_since_log = 0
+    # one loader for the whole run: its workers persist across epochs and prefetch (run_loader)
+    loader, sampler = run_loader(dataset, args.batch_size, args.seed, rank, world_size, args.workers, device)
+    watch = NonFiniteWatch(device)
     while step < last_step:
         # one epoch's batches, from where a resumed run stopped; each sample's augmentation is seeded by
         # (seed, epoch, index), so it is the same with any number of workers
         epoch, start = divmod(step, per_epoch)
-        dataset.set_epoch(epoch)
-        sampler = EpochBatches(len(dataset), args.batch_size, args.seed, epoch, rank, world_size, start)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                                             pin_memory=device.type == "cuda", generator=torch.Generator())
+        sampler.set(epoch, start)
         model.train()
         for batch in tqdm(loader, total=len(sampler), desc=f"epoch {epoch}", disable=not master, leave=False,
                           dynamic_ncols=True):
@@ -272,9 +273,8 @@ def main(argv=None):
             # forward under autocast: every loss term of E10-E12 or E13
             with ctx:
                 terms = wrapped(batch, generator, step / total_steps)
-            if not torch.isfinite(terms["total"]):
-                values = {k: round(v.item(), 4) for k, v in terms.items()}
-                fail(f"non-finite loss at step {step}: {values} (lower --lr, or try --dtype float32)")
+            # a non-finite loss is noted on the device and read back at log steps (no host sync per step)
+            watch.update(step, terms)
             # backward through the scaler (a no-op unless fp16), unscale, clip, step
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms["total"]).backward()
@@ -287,6 +287,8 @@ def main(argv=None):
             # ---------------- TRAINING STEP END ----------------
             # log: every term, the lr and the throughput, on screen and in log.jsonl
             pairs_since_log += len(batch["image"]) * world_size
+            if step % args.log_every == 0 or step == last_step:
+                watch.check()  # every rank: stop, naming the first step with a non-finite loss and its terms
             if master and (step % args.log_every == 0 or step == last_step):
                 record = dict(step=step, epoch=epoch, lr=args.lr * lr_factor,
                               **{k: round(v.item(), 4) for k, v in terms.items()},
@@ -298,6 +300,7 @@ def main(argv=None):
             if step == last_step:
                 break
         # evaluate: the validation split after each whole epoch; the best R1 (retrieval) or mA (attributes) is kept
+        watch.check()  # no evaluation or checkpoint of weights that a non-finite loss has reached
         epoch_done, is_best = step % per_epoch == 0, False
         if epoch_done and master and valset is not None:
             metrics = {f"val_{k}": v for k, v in evaluate_split(args, model, tokenizer, valset, device).items()}

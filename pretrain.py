@@ -214,6 +214,67 @@ class EpochBatches(torch.utils.data.Sampler):
         return len(self.batches)
 
 
+class RunBatches(torch.utils.data.Sampler):
+    """The batch sampler of a DataLoader built once per run, so that its worker processes live through every
+    epoch (persistent_workers) instead of starting again each epoch. set(epoch, start) before each epoch; it then
+    yields that epoch's EpochBatches with every index as (epoch, index): set_epoch on the training process's
+    dataset never reaches the workers' copies, so the epoch travels with the indices (_SampleRandom.__getitems__)."""
+
+    def __init__(self, num_samples, batch_size, seed, rank=0, world_size=1):
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.set(0)
+
+    def set(self, epoch, start=0):
+        self.epoch = epoch
+        self.batches = EpochBatches(self.num_samples, self.batch_size, self.seed, epoch, self.rank, self.world_size,
+                                    start)
+
+    def __iter__(self):
+        return ([(self.epoch, index) for index in batch] for batch in self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+PREFETCH_BATCHES = 4  # batches each worker keeps ready (DataLoader prefetch_factor; PyTorch's default 2; our choice)
+
+
+def run_loader(dataset, batch_size, seed, rank, world_size, workers, device):
+    """(loader, sampler) for the whole run: persistent workers that prefetch, pinned memory on a GPU. Call
+    sampler.set(epoch, start) before iterating the loader for an epoch."""
+    sampler = RunBatches(len(dataset), batch_size, seed, rank, world_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                         prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
+                                         generator=torch.Generator())
+    return loader, sampler
+
+
+class NonFiniteWatch:
+    """The stop on a non-finite loss (STYLE.md) without a host sync every step: update() remembers, on the
+    device, the first step whose total is not finite and that step's terms; check(), at log steps and before a
+    checkpoint, reads them back and stops the run naming them. A bad step is therefore reported up to
+    --log-every steps later, and no checkpoint is written after it."""
+
+    def __init__(self, device):
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.values, self.names = None, None
+
+    def update(self, step, terms):
+        values = torch.stack([value.detach().float() for value in terms.values()])  # (T,)
+        first = (self.step < 0) & ~torch.isfinite(terms["total"].detach())  # ()
+        self.step = torch.where(first, step, self.step)
+        self.values = values if self.values is None else torch.where(first, values, self.values)
+        self.names = list(terms)
+
+    def check(self):
+        step = int(self.step)  # the one read-back
+        if step >= 0:
+            values = {name: round(value, 4) for name, value in zip(self.names, self.values.tolist())}
+            fail(f"non-finite loss at step {step}: {values} (lower --lr, or try --dtype float32)")
+
+
 def schedule_steps(num_samples, batch_size, world_size, epochs):
     """(steps per epoch, T). Each epoch runs ⌊N/(B·W)⌋ steps: the loader drops the last incomplete batch, as the
     official loader does (drop_last), so that every batch is whole on every rank (ITC gathers equal shares and ITM
@@ -228,8 +289,9 @@ def schedule_steps(num_samples, batch_size, world_size, epochs):
 def make_optimizer(model, lr, weight_decay, double_lr):
     """AdamW over the four groups of spec §5.1 (double_lr names the parameters trained at 2x lr: "cross" in
     pre-training, "finetune" in fine-tuning). Each group keeps its base lr, which get_lr(step) multiplies."""
+    fused = next(model.parameters()).device.type == "cuda"  # one kernel for all parameters; foreach elsewhere
     optimizer = torch.optim.AdamW(optimizer_groups(model, weight_decay, lr, double_lr=double_lr), lr=lr,
-                                  betas=ADAMW_BETAS, eps=ADAMW_EPS)
+                                  betas=ADAMW_BETAS, eps=ADAMW_EPS, fused=fused or None)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
     return optimizer
@@ -413,14 +475,14 @@ def main(argv=None):
               f"({dtype}), {len(dataset):,} samples, {per_epoch} steps/epoch x {args.epochs} epochs")
     t0 = t_log = time.time()
     pairs_since_log = 0
+    # one loader for the whole run: its workers persist across epochs and prefetch (run_loader)
+    loader, sampler = run_loader(dataset, args.batch_size, args.seed, rank, world_size, args.workers, device)
+    watch = NonFiniteWatch(device)
     while step < last_step:
         # one epoch's batches, from where a resumed run stopped; each sample's augmentation is seeded by
         # (seed, epoch, index), so it is the same with any number of workers
         epoch, start = divmod(step, per_epoch)
-        dataset.set_epoch(epoch)
-        sampler = EpochBatches(len(dataset), args.batch_size, args.seed, epoch, rank, world_size, start)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                                             pin_memory=device.type == "cuda", generator=torch.Generator())
+        sampler.set(epoch, start)
         model.train()
         for batch in tqdm(loader, total=len(sampler), desc=f"epoch {epoch}", disable=not master, leave=False,
                           dynamic_ncols=True):
@@ -433,9 +495,8 @@ def main(argv=None):
             # forward under autocast: every loss term of E9
             with ctx:
                 terms = wrapped(batch, generator, step / total_steps)
-            if not torch.isfinite(terms["total"]):
-                values = {k: round(v.item(), 4) for k, v in terms.items()}
-                fail(f"non-finite loss at step {step}: {values} (lower --lr, or try --dtype float32)")
+            # a non-finite loss is noted on the device and read back at log steps (no host sync per step)
+            watch.update(step, terms)
             # backward through the scaler (a no-op unless fp16), unscale, clip, step
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms["total"]).backward()
@@ -448,6 +509,8 @@ def main(argv=None):
             # ---------------- TRAINING STEP END ----------------
             # log: every term, the lr and the throughput, on screen and in log.jsonl
             pairs_since_log += len(batch["image"]) * world_size
+            if step % args.log_every == 0 or step == last_step:
+                watch.check()  # every rank: stop, naming the first step with a non-finite loss and its terms
             if master and (step % args.log_every == 0 or step == last_step):
                 record = dict(step=step, epoch=epoch, lr=args.lr * lr_factor,
                               **{k: round(v.item(), 4) for k, v in terms.items()},
@@ -459,6 +522,7 @@ def main(argv=None):
             if step == last_step:
                 break
         # evaluate: zero-shot retrieval on the validation split after each whole epoch; the best R1 is kept
+        watch.check()  # no evaluation or checkpoint of weights that a non-finite loss has reached
         epoch_done, is_best = step % per_epoch == 0, False
         if epoch_done and master and valset is not None:
             metrics = evaluate_retrieval(model, tokenizer, valset, device, k_rerank=args.k_rerank,

@@ -2272,3 +2272,50 @@ def test_prompt_masking_drawn_in_workers_and_reproducible(tmp_path, tokenizer):
     assert not torch.equal(first[0][1], first[1][1])  # each batch its own masking
     rows = torch.arange(14).view(7, 2)
     assert torch.equal(data.join_prompt_rows(data.split_prompt_rows(rows, 3), 7), rows)
+
+
+def test_non_finite_watch_stops_naming_the_first_bad_step_and_its_terms(capsys):
+    """The loop's check stays on the device (no sync-forcing op in update) and still stops the run, naming the first
+    step whose loss was not finite and that step's terms."""
+    watch = pretrain.NonFiniteWatch(torch.device("cpu"))
+    steps = [dict(itc=torch.tensor(1.0), total=torch.tensor(2.0)),
+             dict(itc=torch.tensor(float("nan")), total=torch.tensor(float("nan"))),
+             dict(itc=torch.tensor(float("inf")), total=torch.tensor(float("inf")))]
+    with bench.SyncCounter() as syncs:
+        for step, terms in enumerate(steps):
+            watch.update(step, terms)
+    assert syncs.counts == {}
+    with pytest.raises(SystemExit) as exit_info:
+        watch.check()
+    assert exit_info.value.code == 2
+    assert "non-finite loss at step 1: {'itc': nan, 'total': nan}" in capsys.readouterr().err
+    fine = pretrain.NonFiniteWatch(torch.device("cpu"))
+    fine.update(0, steps[0])
+    fine.check()
+
+
+def test_run_loader_persistent_workers_follow_the_epoch(tmp_path, tokenizer):
+    """One DataLoader for the run (persistent workers): each epoch's batches and augmentation are those of the
+    per-epoch loader with any number of workers, and a resumed epoch starts at the right batch."""
+    write_image(tmp_path / "a.jpg", size=(16, 48))
+    entries = [{"image": str(tmp_path / "a.jpg"), "caption": f"a man in a red shirt {i}", "pid": i, "label": LABEL27}
+               for i in range(8)]
+    dataset = data.PretrainDataset(entries, data.train_transform((48, 16), "mals"), tokenizer, max_tokens=20, seed=3)
+    runs = {}
+    for workers in (0, 2):
+        loader, sampler = pretrain.run_loader(dataset, 4, 1, 0, 1, workers, torch.device("cpu"))
+        runs[workers] = []
+        for epoch in (0, 1, 1):
+            sampler.set(epoch, start=1 if len(runs[workers]) == 4 else 0)  # the third pass resumes epoch 1
+            runs[workers] += [(batch["pid"], batch["image"], batch["masked_ids"]) for batch in loader]
+    assert len(runs[0]) == 5
+    for a, b in zip(runs[0], runs[2]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    reference = []
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        per_epoch = pretrain.EpochBatches(8, 4, 1, epoch)
+        reference += [(b["pid"], b["image"], b["masked_ids"]) for b in torch.utils.data.DataLoader(
+            dataset, batch_sampler=per_epoch)]
+    for a, b in zip(runs[0], reference + reference[-1:]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
