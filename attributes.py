@@ -35,9 +35,9 @@ import json
 import torch
 
 import losses
-from data import (NORMALIZATION, ImageDataset, fail, load_image, load_model_and_tokenizer, mask_tokens, read_attributes,
-                  test_transform)
-from model import autocast_for
+from data import (NORMALIZATION, PROMPT_MASK_KEYS, ImageDataset, fail, join_prompt_rows, load_image,
+                  load_model_and_tokenizer, read_attributes, test_transform)
+from model import autocast_for, take_kv
 from synthetic import synthetic_world
 
 # ---------------------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def prompt_targets(attr_labels):
 
 def attribute_losses(model, image_embeds, image_feat, attr_labels, prompt_ids, prompt_atts,
                      prompt_masked_ids, prompt_masked_pos, prompt_masked_labels, generator,
-                     label_smoothing=0.0):
+                     label_smoothing=0.0, image_kv=None, draws=None):
     """IAC (E4), IAM (E5) and MAM (E6) of one training step (spec §2.5–2.7).
 
     | argument             | shape       | meaning                                                  |
@@ -161,40 +161,55 @@ def attribute_losses(model, image_embeds, image_feat, attr_labels, prompt_ids, p
     | prompt_masked_labels | (P, M)      | original ids there, −100 = padding                       |
     | generator            | —           | torch.Generator on the device of the tensors             |
     | label_smoothing      | float       | ε of E7 for IAC and IAM (paper pre-training 0.4; tiny 0) |
+    | image_kv             | —           | model.cross_kv(image_embeds), or None                    |
+    | draws                | —           | attribute_draws(...) made beforehand, or None            |
 
     The prompts are encoded once with the text encoder; IAC contrasts their projections with the
     images; IAM runs the cross encoder on 5 random prompts × every image in one (5·B)-pair batch (the
-    official code makes 5 calls of B pairs: same values); MAM runs the MLM on each masked prompt that
-    has a true image, conditioned on one such image chosen at random. Returns dict(iac, iam, mam).
+    official code makes 5 calls of B pairs: same values); MAM runs the MLM on every masked prompt,
+    conditioned on one of its true images chosen at random, and a prompt without a true image in the
+    batch weighs zero (spec §2.7 drops it: same value, but a fixed shape and no host sync). With
+    `image_kv` (our speed-up, same values) each image's cross-attention keys/values are projected once
+    and indexed for its pairs. With `draws` the random choices were made earlier (so that this
+    function runs inside a compiled graph) and `generator` is unused. Returns dict(iac, iam, mam).
     """
     batch_size = image_embeds.shape[0]
-    num_prompts = prompt_ids.shape[0]
     prompt_embeds = model.encode_text(prompt_ids, prompt_atts)  # (P, L, Dt)
     prompt_feat = model.text_feat(prompt_embeds)  # (P, D)
     m = prompt_targets(attr_labels)  # (B, P)
+    chosen, image_idx, has_true = draws if draws is not None else attribute_draws(attr_labels, generator)
 
     # IAC (E4): spec §2.5
     iac = losses.iac_loss(image_feat, prompt_feat, attr_labels, model.temp, label_smoothing)
 
     # IAM (E5): spec §2.6, pairs ordered prompt-major, row s·B + b = (prompt chosen[s], image b)
-    chosen = losses.sample_iam_prompts(num_prompts, generator).to(prompt_ids.device)  # (S,)
     num_chosen = chosen.shape[0]
     pair_text_embeds = prompt_embeds[chosen].repeat_interleave(batch_size, dim=0)  # (S·B, L, Dt)
     pair_text_atts = prompt_atts[chosen].repeat_interleave(batch_size, dim=0)  # (S·B, L)
-    pair_image_embeds = image_embeds.repeat(num_chosen, 1, 1)  # (S·B, N, Dv)
-    iam_logits = model.itm_logits(pair_text_embeds, pair_text_atts, pair_image_embeds)  # (S·B, 2)
-    iam_targets = m[:, chosen].T.flatten()  # (S·B,)
-    iam = losses.iam_loss(iam_logits, iam_targets, label_smoothing, num_prompts=num_chosen)
-
-    # MAM (E6): spec §2.7, one true image per prompt, prompts without one dropped
-    prompt_idx, image_idx = losses.sample_mam_images(m, generator)  # (R,), (R,)
-    if prompt_idx.numel() == 0:
-        mam = torch.zeros((), device=image_feat.device)  # no prompt is true for any image: nothing to learn
+    if image_kv is None:
+        iam_logits = model.itm_logits(pair_text_embeds, pair_text_atts, image_embeds.repeat(num_chosen, 1, 1))
     else:
-        mam_logits = model.mlm_logits(prompt_masked_ids[prompt_idx], prompt_atts[prompt_idx],
-                                      image_embeds[image_idx], prompt_masked_pos[prompt_idx])  # (R, M, V)
-        mam = losses.mam_loss(mam_logits, prompt_masked_labels[prompt_idx])
+        pair_image = torch.arange(batch_size, device=image_embeds.device).repeat(num_chosen)  # (S·B,)
+        iam_logits = model.itm_logits(pair_text_embeds, pair_text_atts, image_kv=take_kv(image_kv, pair_image))
+    iam_targets = m[:, chosen].T.flatten()  # (S·B,)
+    iam = losses.iam_loss(iam_logits, iam_targets, label_smoothing, num_prompts=num_chosen)  # logits (S·B, 2)
+
+    # MAM (E6): spec §2.7, one true image per prompt; prompts without one weigh zero
+    if image_kv is None:
+        mam_logits = model.mlm_logits(prompt_masked_ids, prompt_atts, image_embeds[image_idx], prompt_masked_pos)
+    else:
+        mam_logits = model.mlm_logits(prompt_masked_ids, prompt_atts, None, prompt_masked_pos,
+                                      image_kv=take_kv(image_kv, image_idx))  # (P, M, V)
+    mam = losses.mam_loss(mam_logits, losses.mam_targets(prompt_masked_labels, has_true))
     return {"iac": iac, "iam": iam, "mam": mam}
+
+
+def attribute_draws(attr_labels, generator):
+    """The random choices of one step's attribute stream: the S IAM prompts (spec §2.6) and each prompt's
+    MAM image (spec §2.7) -> (chosen (S,), image_idx (P,), has_true (P,)), on the generator's device."""
+    chosen = losses.sample_iam_prompts(2 * attr_labels.shape[1], generator)  # (S,)
+    image_idx, has_true = losses.sample_mam_images(prompt_targets(attr_labels), generator)  # (P,), (P,)
+    return chosen.to(attr_labels.device), image_idx, has_true
 
 
 @torch.no_grad()
@@ -355,22 +370,28 @@ def evaluate_attributes(model, tokenizer, entries, table, normalization, batch_s
 
 
 class PromptStream(torch.nn.Module):
-    """The attribute-prompt stream (E4–E6): a table's prompts, tokenised once and padded to the longest (spec §3.1),
-    re-masked every step (spec §2.7) with the global CPU generator, whose state checkpoints keep."""
+    """The attribute-prompt stream (E4–E6): a table's prompts, tokenised once and padded to the longest (spec §3.1).
+    Their masking for MAM (spec §2.7) comes with each batch, drawn in the data-loader workers (data.PromptMasking
+    with the same tokenizer, prompts and max_tokens)."""
 
     def __init__(self, tokenizer, prompts, max_tokens, label_smoothing):
         super().__init__()
-        self.tokenizer, self.label_smoothing = tokenizer, label_smoothing
+        self.label_smoothing = label_smoothing
         prompt_ids, prompt_atts = tokenizer(list(prompts), max_length=max_tokens, padding="longest")  # (P, Lp)
         self.register_buffer("prompt_ids", prompt_ids, persistent=False)
         self.register_buffer("prompt_atts", prompt_atts, persistent=False)
-        self.prompt_ids_cpu = prompt_ids  # masked on the CPU without waiting for the device
 
-    def forward(self, model, image_embeds, image_feat, attr_labels, generator):
-        """-> dict(iac, iam, mam) for a batch of images (B, N, Dv), their ITC features (B, D) and labels (B, K)."""
-        masked = [t.to(image_embeds.device) for t in mask_tokens(self.prompt_ids_cpu, self.tokenizer, None)]
-        return attribute_losses(model, image_embeds, image_feat, attr_labels, self.prompt_ids, self.prompt_atts,
-                                *masked, generator, self.label_smoothing)
+    def forward(self, model, image_embeds, image_feat, batch, draws, image_kv=None):
+        """-> dict(iac, iam, mam) for a batch of images (B, N, Dv), their ITC features (B, D), the batch (its
+        attr_label (B, K) and prompt masking) and the step's attribute_draws."""
+        num_prompts = self.prompt_ids.shape[0]
+        masked = [join_prompt_rows(batch[key], num_prompts) for key in PROMPT_MASK_KEYS]  # (P, Lp), (P, M), (P, M)
+        if masked[0].shape != self.prompt_ids.shape:
+            raise ValueError(f"the batch's prompt masking has shape {tuple(masked[0].shape)}, the prompts "
+                             f"{tuple(self.prompt_ids.shape)}: build data.PromptMasking with the same tokenizer, "
+                             "prompts and max_tokens")
+        return attribute_losses(model, image_embeds, image_feat, batch["attr_label"], self.prompt_ids,
+                                self.prompt_atts, *masked, None, self.label_smoothing, image_kv, draws)
 
 
 def print_table(metrics, per_attribute, names):

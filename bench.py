@@ -7,13 +7,17 @@ pretrain.make_optimizer, evaluate.evaluate_retrieval).
     python bench.py                                      # GPU: aptm-base, fine-tune @120, pre-train @150, eval
     python bench.py --modes bf16,bf16-compile --json out/bench.json
     python bench.py --no-eval --steps 20                 # training steps only
-    python bench.py --smoke                              # tiny preset on a CPU, under a minute (what CI could run)
+    python bench.py --smoke                              # tiny preset on a CPU, about a minute (what CI could run)
 
 Per objective and mode it prints ms/step, pairs/s (image–caption pairs of the batch per second; fine-tuning's EDA
-copies are not counted), peak memory (CUDA only) and model-FLOPs utilisation (MFU): analytic FLOPs per step ÷
+copies are not counted) and its ratio to the official code's (OFFICIAL_PAIRS_PER_S; the goal is 4x), peak memory
+(CUDA only) and model-FLOPs utilisation (MFU): analytic FLOPs per step ÷
 time ÷ the GPU's dense bf16 peak (PEAK_BF16_TFLOPS; every mode is measured against the bf16 peak, so fp32/TF32
-rows show how far they are from what bf16 could reach). Then the evaluation: seconds for the features (image
-decoding included), for ITM re-ranking, in total.
+rows show how far they are from what bf16 could reach). Then, per objective, the checks that decide whether a GPU
+step can run without waiting for the host: the count of sync-forcing ops over one step (SyncCounter, on any
+device), whether objective.losses compiles as one graph (compile_check), and on a GPU one step under
+torch.cuda.set_sync_debug_mode("error"); the input pipeline's samples/s for each DataLoader worker count; and the
+evaluation: seconds for the features (image decoding included), for ITM re-ranking, in total.
 
 Modes: fp32 (no TF32 anywhere), tf32 (TF32 matmuls and convolutions), bf16 (bf16 autocast as the training scripts
 run it), bf16-compile (the same with every Swin block and BERT layer under torch.compile, see compiled_layers).
@@ -23,9 +27,10 @@ FLOP counting convention (finetune_step_flops, pretrain_step_flops and the *_mac
 of every linear layer, convolution and attention matmul (QKᵀ and AV) of the forward pass, FLOPs = 2 × MACs, and a
 training step costs 3 × the forward (the backward computes gradients for inputs and weights: 2 × forward). Norms,
 softmax, GELU, embedding look-ups, the losses and the optimizer are not counted. The work is counted as the code
-does it (each cross-encoder pair projects its image's keys/values itself; MLM runs the head at all M masked
-slots, padding included), not as it could be done. Spec §1.6: Swin-B@384×128 ≈ 15.2 GMACs, text encoder (L=56)
-≈ 2.4 GMACs, cross encoder per pair ≈ 3.3 GMACs (test_all.py: test_flop_counter_by_hand).
+does it (each image's cross-attention keys/values projected once and shared by its pairs; MAM on all P prompts;
+MLM runs the head at all M masked slots, padding included), not as it could be done. Spec §1.6: Swin-B@384×128 ≈
+15.2 GMACs, text encoder (L=56) ≈ 2.4 GMACs, cross encoder per pair ≈ 3.3 GMACs (test_all.py:
+test_flop_counter_by_hand).
 
 Shapes: B batch, L text tokens, N image tokens, Dv/Dt vision/text widths, M masked positions, V vocabulary,
 P prompts, Q queries, G gallery images.
@@ -37,20 +42,23 @@ import os
 import random
 import tempfile
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 
 import numpy as np
 import torch
+import torch.utils._python_dispatch
 from PIL import Image
 
-from attributes import MALS_PROMPTS, prompt_targets
-from data import NORMALIZATION, SPECIAL_TOKENS, TestSet, Tokenizer, mask_tokens
+from attributes import MALS_PROMPTS
+from data import (NORMALIZATION, PROMPT_MASK_KEYS, SPECIAL_TOKENS, PretrainDataset, PromptMasking, TestSet, Tokenizer,
+                  mask_tokens, split_prompt_rows, train_transform)
 from evaluate import evaluate_retrieval
 from finetune import FinetuneObjective
 from losses import APL_WEIGHT, EDA_WEIGHT, IAM_NUM_PROMPTS
 from model import ADAMW_BETAS, ADAMW_EPS, APTM, CONFIGS, optimizer_groups
-from pretrain import PRESET_DEFAULTS, PretrainObjective
+from pretrain import PRESET_DEFAULTS, NonFiniteWatch, PretrainObjective
 
 MODES = ("fp32", "tf32", "bf16", "bf16-compile")
 
@@ -63,6 +71,11 @@ PEAK_BF16_TFLOPS = (
     ("H200", 989.0),
     ("A100", 312.0),
 )
+
+# The official code on one H200, TF32, at the paper's batch per GPU (issue "Speed at paper scale"): pairs/s. The goal
+# is SPEED_GOAL x these with bf16: >= 1,170 pairs/s fine-tuning at batch 120, >= 900 pre-training at batch 150.
+OFFICIAL_PAIRS_PER_S = {"finetune": 292.0, "pretrain": 223.0}
+SPEED_GOAL = 4.0
 
 BERT_VOCAB_SIZE = 30522  # bert-base-uncased (spec §1.3): the MLM decoder's width, so it sets the MLM cost
 TINY_VOCAB_SIZE = 720  # the order of the synthetic world's offline vocabulary (our choice)
@@ -86,8 +99,16 @@ def get_args(argv=None):
     parser.add_argument("--batch-pretrain", type=int, help="default 150 (paper, per GPU); 8 with --smoke")
     parser.add_argument("--steps", type=int, help="timed steps per mode (default 10; 2 with --smoke)")
     parser.add_argument("--warmup", type=int, help="untimed steps first, incl. compilation (default 3; 1 smoke)")
-    parser.add_argument("--adam", default="foreach", choices=["foreach", "fused"],
-                        help="AdamW implementation; foreach is what the training scripts use")
+    parser.add_argument("--adam", default="fused", choices=["foreach", "fused"],
+                        help="AdamW implementation on a GPU; fused is what the training scripts use there")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing (APTM.checkpointing)")
+    parser.add_argument("--no-checks", action="store_true", help="skip the sync count, the whole-graph compile check "
+                        "and (GPU) the sync-debug step")
+    # input pipeline (pre-training samples from JPEGs through the DataLoader)
+    parser.add_argument("--pipeline-workers", default="0,1,2", help="comma-separated DataLoader worker counts; "
+                        "empty: skip the input-pipeline benchmark")
+    parser.add_argument("--pipeline-batches", type=int, default=4, help="timed batches per worker count (after the "
+                        "first, which includes the workers' start-up)")
     # evaluation (spec §6): CUHK-PEDES test split sizes, top-128 re-rank
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation benchmark")
     parser.add_argument("--eval-queries", type=int, help=f"default {CUHK_TEST['queries']} (CUHK-PEDES test)")
@@ -116,6 +137,12 @@ def get_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    try:
+        args.pipeline_workers = [int(w) for w in args.pipeline_workers.split(",") if w.strip()]
+    except ValueError:
+        parser.error("--pipeline-workers must be comma-separated integers")
+    if any(w < 0 for w in args.pipeline_workers) or args.pipeline_batches < 1:
+        parser.error("--pipeline-workers must be at least 0 and --pipeline-batches at least 1")
     args.objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     if not args.modes or any(m not in MODES for m in args.modes):
         parser.error(f"--modes must name some of {', '.join(MODES)}")
@@ -188,40 +215,54 @@ def cross_macs(config, length):
     return config.num_cross_layers * (bert_layer_macs(config, length) + cross)
 
 
+def kv_macs(config):
+    """One image's cross-attention keys and values in every fusion layer (model.cross_kv)."""
+    return config.num_cross_layers * linear_macs(image_tokens(config), config.vision_width, 2 * config.hidden_size)
+
+
+def pair_macs(config, length):
+    """Cross encoder on one pair whose image keys/values were projected once per image (cross_kv), as training
+    does: cross_macs without the projection."""
+    return cross_macs(config, length) - kv_macs(config)
+
+
 def itm_head_macs(config):
     Dt = config.hidden_size
     return linear_macs(1, Dt, 2 * Dt) + linear_macs(1, 2 * Dt, 2)
 
 
 def mlm_macs(config, length, masked):
-    """MLM forward ('multi_modal' mode) of one row: text + cross encoder, then the head at `masked` positions."""
+    """MLM forward ('multi_modal' mode) of one row: text + cross encoder (image keys/values given), then the head
+    at `masked` positions."""
     Dt = config.hidden_size
     head = linear_macs(masked, Dt, Dt) + linear_macs(masked, Dt, config.vocab_size)
-    return text_macs(config, length) + cross_macs(config, length) + head
+    return text_macs(config, length) + pair_macs(config, length) + head
 
 
 def finetune_step_flops(config, batch_size, masked=10):
-    """E10–E12 on one batch: images once; caption and EDA copy each through the text encoder, ITC and ITM on 3B
-    pairs (positives, text-negatives, image-negatives); MLM on the caption. × 2 FLOPs/MAC × 3 for the backward."""
+    """E10–E12 on one batch: images once (with their cross-attention keys/values); caption and EDA copy each
+    through the text encoder, ITC and ITM on 3B pairs (positives, text-negatives, image-negatives); MLM on the
+    caption. × 2 FLOPs/MAC × 3 for the backward."""
     B, L, Dv, Dt, D = batch_size, config.max_tokens, config.vision_width, config.hidden_size, config.embed_dim
     per_caption_set = (B * text_macs(config, L) + linear_macs(B, Dt, D) + linear_macs(B, D, B)  # ITC logits
-                       + 3 * B * (cross_macs(config, L) + itm_head_macs(config)))
-    forward = (B * swin_macs(config) + linear_macs(B, Dv, D) + 2 * per_caption_set
+                       + 3 * B * (pair_macs(config, L) + itm_head_macs(config)))
+    forward = (B * (swin_macs(config) + kv_macs(config)) + linear_macs(B, Dv, D) + 2 * per_caption_set
                + B * mlm_macs(config, L, masked))
     return 3 * 2 * forward
 
 
 def pretrain_step_flops(config, batch_size, prompt_len, num_prompts, mam_rows, masked=10):
     """E9 on one batch: ITC/ITM/MLM as fine-tuning's caption stream, plus the P prompts through the text encoder
-    (IAC), S·B prompt–image pairs through the cross encoder (IAM) and MLM on `mam_rows` prompts (MAM)."""
+    (IAC), S·B prompt–image pairs through the cross encoder (IAM) and MLM on `mam_rows` prompts (MAM: all P, those
+    without a true image weighted zero)."""
     B, L, Dv, Dt, D = batch_size, config.max_tokens, config.vision_width, config.hidden_size, config.embed_dim
     S, P = IAM_NUM_PROMPTS, num_prompts
-    forward = (B * swin_macs(config) + linear_macs(B, Dv, D)
+    forward = (B * (swin_macs(config) + kv_macs(config)) + linear_macs(B, Dv, D)
                + B * text_macs(config, L) + linear_macs(B, Dt, D) + linear_macs(B, D, B)
-               + 3 * B * (cross_macs(config, L) + itm_head_macs(config))
+               + 3 * B * (pair_macs(config, L) + itm_head_macs(config))
                + B * mlm_macs(config, L, masked)
                + P * text_macs(config, prompt_len) + linear_macs(P, Dt, D) + linear_macs(B, D, P)  # IAC
-               + S * B * (cross_macs(config, prompt_len) + itm_head_macs(config))  # IAM
+               + S * B * (pair_macs(config, prompt_len) + itm_head_macs(config))  # IAM
                + mam_rows * mlm_macs(config, prompt_len, masked))  # MAM
     return 3 * 2 * forward
 
@@ -257,7 +298,9 @@ def random_batch(objective_name, config, tokenizer, batch_size, device, seed):
     B, L = batch_size, config.max_tokens
     input_ids, attention_mask = random_captions(tokenizer, B, L, generator)  # (B, L)
     masked_ids, masked_pos, masked_labels = mask_tokens(input_ids, tokenizer, generator)  # (B, L), (B, M), (B, M)
-    batch = dict(image=torch.randn((B, 3, *config.image_size), generator=generator),  # (B, 3, H, W)
+    norm = torch.tensor(NORMALIZATION["cuhk" if objective_name == "finetune" else "mals"])  # (2, 3)
+    batch = dict(image=torch.randint(0, 256, (B, 3, *config.image_size), generator=generator, dtype=torch.uint8),
+                 erase=torch.zeros(B, 4, dtype=torch.long), norm=norm.expand(B, 2, 3),  # as ImageTransform.for_device
                  input_ids=input_ids, attention_mask=attention_mask, masked_ids=masked_ids,
                  masked_pos=masked_pos, masked_labels=masked_labels)
     if objective_name == "finetune":
@@ -267,6 +310,9 @@ def random_batch(objective_name, config, tokenizer, batch_size, device, seed):
         batch["pid"] = torch.arange(B)  # MALS: one identity per image (spec §2.1)
         num_attributes = len(MALS_PROMPTS) // 2
         batch["attr_label"] = torch.randint(-1, 2, (B, num_attributes), generator=generator)  # (B, K) in {-1, 0, 1}
+        masking = PromptMasking(tokenizer, MALS_PROMPTS, config.max_tokens)  # as the data-loader workers do
+        for key, rows in zip(PROMPT_MASK_KEYS, masking(generator)):
+            batch[key] = split_prompt_rows(rows, B)  # (B, r, ...)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -288,15 +334,16 @@ def set_precision(mode, device):
 def compiled_layers(model):
     """Swap every Swin block and BERT/fusion layer for its torch.compile'd version, and back afterwards.
 
-    Layers rather than the whole objective: the objective breaks the graph at the hard-negative sampling
-    (torch.multinomial with a Generator), at MAM's nonzero and in the per-step prompt masking, and one
-    whole-model graph compiles for many minutes; identical layers share one compiled graph. Shapes vary
-    (B, 3B and 5B rows, 56 or prompt-length tokens), so dynamic shapes are left to torch's automatic choice.
+    Layers rather than the whole objective: the objective's `losses` does compile whole (fullgraph, see
+    compile_check), but one whole-model graph compiles for many minutes with inductor, while identical layers
+    share one compiled graph. Shapes vary (B, 3B and 5B rows, 56 or prompt-length tokens), so dynamic shapes are
+    left to torch's automatic choice.
     """
     holders = [stage.blocks for stage in model.vision_encoder.layers] + [model.text_encoder.bert.encoder.layer]
     originals = [list(holder) for holder in holders]
-    # Each Swin block guards on its own drop-path rate (a Python float), so SwinBlock.forward compiles once per
-    # block: 24 graphs for Swin-B, above dynamo's default limit of 8, past which the rest would run eagerly.
+    # Swin blocks differ in Python constants dynamo guards on (stage grid, window, shift, whether drop-path is
+    # on), so SwinBlock.forward compiles once per variant: about 9 for Swin-B, above dynamo's default limit of 8,
+    # past which the rest would run eagerly.
     recompile_limit = torch._dynamo.config.recompile_limit
     torch._dynamo.config.recompile_limit = max(recompile_limit, 2 * sum(len(h) for h in holders))
     for holder in holders:
@@ -309,6 +356,40 @@ def compiled_layers(model):
         for holder, layers in zip(holders, originals):
             for i, layer in enumerate(layers):
                 holder[i] = layer
+
+
+# ops that make the host wait for the device (on a GPU): they return a value to Python or an output whose shape
+# depends on the data. Boolean-mask indexing (x[mask], x[mask] = y) is nonzero in disguise and counted too.
+SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "allclose", "nonzero", "argwhere", "masked_select",
+            "multinomial", "unique_consecutive", "_unique", "_unique2", "unique_dim", "bincount"}
+INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
+
+
+class SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the sync-forcing aten ops (SYNC_OPS, boolean-mask indexing, repeat_interleave with tensor repeats and
+    no output_size) that run under it, forward and backward, on any device: a CPU run finds what would stall a
+    GPU. Device-to-host copies (.cpu(), .tolist()) are not visible on a CPU and not counted.
+
+        with SyncCounter() as syncs:
+            objective(batch, generator, 0.0)["total"].backward()
+        syncs.counts  # Counter({op name: calls}); syncs.ops: every op seen
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.counts, self.ops = Counter(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._overloadpacket.__name__
+        self.ops += 1
+        bool_index = name in INDEX_OPS and any(
+            torch.is_tensor(i) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
+        tensor_repeats = (name == "repeat_interleave" and torch.is_tensor(args[0 if len(args) == 1 else 1])
+                          and kwargs.get("output_size") is None and len(args) < 4)
+        if name in SYNC_OPS or bool_index or tensor_repeats:
+            self.counts[name] += 1
+        return func(*args, **kwargs)
 
 
 class Timer:
@@ -339,17 +420,14 @@ def bench_training(objective_name, model, tokenizer, args, device, peak_tflops):
     config = model.config
     batch_size = args.batch_finetune if objective_name == "finetune" else args.batch_pretrain
     batch = random_batch(objective_name, config, tokenizer, batch_size, device, args.seed)
+    objective = build_objective(objective_name, model, tokenizer, device)
     if objective_name == "finetune":
-        objective, double_lr = FinetuneObjective(model, EDA_WEIGHT, uniform_negatives=0.0), "finetune"
+        double_lr = "finetune"
         flops = finetune_step_flops(config, batch_size, masked=batch["masked_pos"].shape[1])
     else:
-        objective = PretrainObjective(model, tokenizer, MALS_PROMPTS, APL_WEIGHT,
-                                      PRESET_DEFAULTS["aptm-base"]["label_smoothing"], max_tokens=config.max_tokens,
-                                      uniform_negatives=0.0).to(device)
         double_lr = "cross"
-        mam_rows = int((prompt_targets(batch["attr_label"]) == 1).any(dim=0).sum())  # prompts MAM keeps (R)
         flops = pretrain_step_flops(config, batch_size, objective.prompts.prompt_ids.shape[1], len(MALS_PROMPTS),
-                                    mam_rows, masked=batch["masked_pos"].shape[1])
+                                    len(MALS_PROMPTS), masked=batch["masked_pos"].shape[1])
     model.train()
     results = {}
     for mode in args.modes:
@@ -407,6 +485,118 @@ def time_steps(objective, batch, optimizer, ctx, args, device):
                 warmup_s=warmup_s, loss=float(terms["total"].detach()))
 
 
+def build_objective(objective_name, model, tokenizer, device):
+    """The paper's objective (hard negatives from the first step; pre-training with the paper's label smoothing)."""
+    if objective_name == "finetune":
+        return FinetuneObjective(model, EDA_WEIGHT, uniform_negatives=0.0)
+    return PretrainObjective(model, tokenizer, MALS_PROMPTS, APL_WEIGHT, PRESET_DEFAULTS["aptm-base"]["label_smoothing"],
+                             max_tokens=model.config.max_tokens, uniform_negatives=0.0).to(device)
+
+
+def count_step_syncs(objective, batch, generator):
+    """Sync-forcing ops (SyncCounter) of one training step: the draws, the forward, the loop's non-finite watch
+    and the backward. Not the optimizer: on a CPU its step counters are read on the host, as they are (on the
+    host) on a GPU; the sync-debug step covers it there."""
+    watch = NonFiniteWatch(batch["pid"].device)
+    with SyncCounter() as syncs:
+        terms = objective(batch, generator, 0.0)
+        watch.update(0, terms)
+        terms["total"].backward()
+    return syncs.counts
+
+
+def compile_check(objective, batch, generator):
+    """torch.compile(objective.losses, fullgraph=True) on the backend "eager" (dynamo's tracing alone, seconds):
+    (True, seconds) if the forward and losses form one graph, else (False, the first line of the error)."""
+    torch._dynamo.reset()
+    start = time.perf_counter()
+    try:
+        torch.compile(objective.losses, fullgraph=True, backend="eager")(batch, *objective.draw(batch, generator, 0.0))
+    except Exception as error:  # report it: a benchmark keeps going
+        return False, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return True, time.perf_counter() - start
+
+
+def sync_debug_step(objective, model, batch, generator, device):
+    """One training step (forward, backward, fused AdamW step) under torch.cuda.set_sync_debug_mode("error"): any
+    op that makes the host wait raises. "ok" or the error's first line; None on a CPU."""
+    if device.type != "cuda":
+        return None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            terms = objective(batch, generator, 0.0)
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        optimizer.step()
+        return "ok"
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        model.zero_grad(set_to_none=True)
+
+
+def step_checks(model, tokenizer, args, device):
+    """Per objective: the sync count, the whole-graph compile check, and on a GPU the sync-debug step."""
+    checks = {}
+    model.train()
+    for name in args.objectives:
+        batch_size = args.batch_finetune if name == "finetune" else args.batch_pretrain
+        batch = random_batch(name, model.config, tokenizer, batch_size, device, args.seed)
+        objective = build_objective(name, model, tokenizer, device)
+        generator = torch.Generator(device).manual_seed(args.seed)
+        syncs = count_step_syncs(objective, batch, generator)
+        model.zero_grad(set_to_none=True)
+        compiled, detail = compile_check(objective, batch, generator)
+        checks[name] = dict(syncs=sum(syncs.values()), sync_ops=dict(syncs), compiles_fullgraph=compiled,
+                            compile_s=detail if compiled else None, compile_error=None if compiled else detail,
+                            sync_debug=sync_debug_step(objective, model, batch, generator, device))
+    return checks
+
+
+def random_jpegs(folder, count, seed):
+    """`count` smooth random JPEGs of SOURCE_IMAGE_SIZE in `folder` -> their paths."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        coarse = rng.integers(0, 256, (12, 4, 3), dtype=np.uint8)  # blocks of colour, JPEG-friendly
+        path = os.path.join(folder, f"{i:05d}.jpg")
+        Image.fromarray(coarse).resize(SOURCE_IMAGE_SIZE[::-1], Image.BILINEAR).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def bench_pipeline(config, tokenizer, args, device):
+    """Pre-training samples per second through the DataLoader for each worker count: JPEG decode, resize, flip,
+    RandAugment, the erasing draw (erasing p 0.6), uint8 out; caption tokenised and masked; one prompt masking per
+    batch (as pretrain.py builds it). The first batch (workers' start-up) is not timed. dict workers -> samples/s."""
+    batch_size = args.batch_pretrain
+    count = batch_size * (args.pipeline_batches + 1)
+    words = tokenizer.vocab[len(SPECIAL_TOKENS):]
+    rng = random.Random(args.seed)
+    rates = {}
+    with tempfile.TemporaryDirectory() as folder:
+        entries = [dict(image=path, caption=" ".join(rng.choices(words, k=rng.randint(*CAPTION_WORDS))), pid=i,
+                        label=[rng.choice((-1, 0, 1)) for _ in range(len(MALS_PROMPTS) // 2)])
+                   for i, path in enumerate(random_jpegs(folder, count, args.seed))]
+        dataset = PretrainDataset(entries, train_transform(config.image_size, NORMALIZATION["mals"], 0.6), tokenizer,
+                                  config.max_tokens, seed=args.seed,
+                                  prompt_masking=PromptMasking(tokenizer, MALS_PROMPTS, config.max_tokens))
+        for workers in args.pipeline_workers:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                                 pin_memory=device.type == "cuda")
+            batches = iter(loader)
+            next(batches)
+            start, samples = time.perf_counter(), 0
+            for batch in batches:
+                samples += len(batch["pid"])
+            rates[workers] = samples / (time.perf_counter() - start)
+    return rates
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -416,14 +606,8 @@ def random_testset(folder, tokenizer, num_queries, num_images, num_identities, s
     in CUHK-PEDES, every query with at least one gallery match."""
     rng = np.random.default_rng(seed)
     words = tokenizer.vocab[len(SPECIAL_TOKENS):]
-    image_paths, g_pids = [], []
-    for i in range(num_images):
-        coarse = rng.integers(0, 256, (12, 4, 3), dtype=np.uint8)  # blocks of colour, JPEG-friendly
-        image = Image.fromarray(coarse).resize(SOURCE_IMAGE_SIZE[::-1], Image.BILINEAR)
-        path = os.path.join(folder, f"{i:05d}.jpg")
-        image.save(path, quality=90)
-        image_paths.append(path)
-        g_pids.append(i % num_identities)
+    image_paths = random_jpegs(folder, num_images, seed)
+    g_pids = [i % num_identities for i in range(num_images)]
     low, high = CAPTION_WORDS
     captions = [" ".join(random.Random(seed + q).choices(words, k=int(rng.integers(low, high + 1))))
                 for q in range(num_queries)]
@@ -465,18 +649,36 @@ def fmt(value, spec):
     return "n/a" if value is None else format(value, spec)
 
 
-def print_table(training, evaluation, device_name, peak_tflops):
+def print_table(training, evaluation, device_name, peak_tflops, pipeline, checks):
     print(f"device: {device_name}; MFU against a dense bf16 peak of "
-          f"{fmt(peak_tflops, '.0f') + ' TFLOP/s' if peak_tflops else 'n/a (unknown device)'}")
-    header = ("objective", "mode", "batch", "ms/step", "pairs/s", "peak GB", "TFLOP/step", "TFLOP/s", "MFU")
-    rows = [(name, mode, r["batch_size"], r["error"], "", "", "", "", "") if "error" in r else
+          f"{fmt(peak_tflops, '.0f') + ' TFLOP/s' if peak_tflops else 'n/a (unknown device)'}; x official: pairs/s "
+          f"over the official code's TF32 on one H200 (fine-tuning {OFFICIAL_PAIRS_PER_S['finetune']:.0f} @120, "
+          f"pre-training {OFFICIAL_PAIRS_PER_S['pretrain']:.0f} @150), goal {SPEED_GOAL:.1f}x")
+    header = ("objective", "mode", "batch", "ms/step", "pairs/s", "x official", "peak GB", "TFLOP/step", "TFLOP/s",
+              "MFU")
+    rows = [(name, mode, r["batch_size"], r["error"], "", "", "", "", "", "") if "error" in r else
             (name, mode, r["batch_size"], fmt(r["ms_per_step"], ".1f"), fmt(r["pairs_per_s"], ".1f"),
+             f"{r['pairs_per_s'] / OFFICIAL_PAIRS_PER_S[name]:.3g}x",
              fmt(r["peak_memory_gb"], ".2f"), fmt(r["tflops_per_step"], ".3g"), fmt(r["achieved_tflops"], ".3g"),
              "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%")
             for name, modes in training.items() for mode, r in modes.items()]
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
     for row in (header, *rows):
         print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
+    for name, c in checks.items():
+        compiled = f"compiles whole in {c['compile_s']:.1f} s" if c["compiles_fullgraph"] else \
+            f"does not compile whole ({c['compile_error']})"
+        print(f"{name} step: {c['syncs']} sync-forcing ops{' ' + str(c['sync_ops']) if c['syncs'] else ''}; "
+              f"objective.losses {compiled} "
+              f"(fullgraph, eager backend); sync-debug step: {c['sync_debug'] or 'n/a (CPU)'}")
+    if pipeline:
+        goal = SPEED_GOAL * max(OFFICIAL_PAIRS_PER_S.values())
+        print("input pipeline (pre-training samples/s): " + ", ".join(
+            f"{w} workers {rate:.0f}" + (f" ({rate / w:.0f} per worker)" if w else "") for w, rate in pipeline.items()))
+        per_worker = [rate / w for w, rate in pipeline.items() if w]
+        if per_worker:
+            print(f"  -> {math.ceil(goal / min(per_worker))} workers would feed the fine-tuning goal of {goal:.0f} "
+                  f"pairs/s at the slowest per-worker rate measured here")
     if evaluation:
         e = evaluation
         print(f"evaluation: {e['queries']} queries x {e['images']} images, top-{e['k_rerank']} re-rank: "
@@ -495,12 +697,16 @@ def main(argv=None):
     device_name, peak_tflops = device_peak(device)
     print(f"{args.preset}: {sum(p.numel() for p in model.parameters()):,} parameters, vocabulary "
           f"{tokenizer.vocab_size:,}, {args.steps} timed steps after {args.warmup} warm-up, on {device_name}")
+    model.checkpointing = args.checkpointing
     training = {name: bench_training(name, model, tokenizer, args, device, peak_tflops) for name in args.objectives}
     set_precision("fp32", device)
+    checks = {} if args.no_checks else step_checks(model, tokenizer, args, device)
+    pipeline = bench_pipeline(config, tokenizer, args, device) if args.pipeline_workers else {}
     evaluation = None if args.no_eval else bench_evaluation(model, tokenizer, args, device)
-    print_table(training, evaluation, device_name, peak_tflops)
+    print_table(training, evaluation, device_name, peak_tflops, pipeline, checks)
     result = dict(preset=args.preset, device=device_name, peak_bf16_tflops=peak_tflops, torch=torch.__version__,
-                  steps=args.steps, warmup=args.warmup, adam=args.adam, training=training, evaluation=evaluation)
+                  steps=args.steps, warmup=args.warmup, adam=args.adam, checkpointing=args.checkpointing,
+                  training=training, checks=checks, pipeline=pipeline, evaluation=evaluation)
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:

@@ -14,9 +14,9 @@ with status 2.
 
 Public API:
     fail, read_checkpoint, load_model_and_tokenizer, check_images, NORMALIZATION,
-    Tokenizer (from_corpus / from_bert_dir / from_state / state / __call__), mask_tokens, pre_caption, eda,
-    train_transform, test_transform, RandAugment, RandomErasing, read_mals, read_retrieval, load_retrieval, TestSet,
-    read_attributes, PretrainDataset, FinetuneDataset, ImageDataset, AttributeDataset.
+    Tokenizer (from_corpus / from_bert_dir / from_state / state / __call__), mask_tokens, PromptMasking, pre_caption,
+    eda, train_transform, test_transform, device_images, RandAugment, RandomErasing, read_mals, read_retrieval,
+    load_retrieval, TestSet, read_attributes, PretrainDataset, FinetuneDataset, ImageDataset, AttributeDataset.
 Randomness: transforms take a random.Random, mask_tokens a torch.Generator; the Datasets derive both from
 (seed, epoch, sample index), so a run reproduces exactly with any number of workers and after a resume.
 
@@ -499,11 +499,11 @@ class RandomErasing:
     def __init__(self, p=0.6, area=(0.02, 0.4), aspect=0.3, attempts=100, value=0.0):
         self.p, self.area, self.aspect, self.attempts, self.value = p, area, aspect, attempts, value
 
-    def __call__(self, image, rng=None):  # image (3, H, W) float tensor or array, erased in place
+    def draw(self, height, width, rng=None):
+        """The rectangle (top, left, h, w) to erase in an image of height x width, or (0, 0, 0, 0) for none."""
         rng = rng or random
         if rng.uniform(0, 1) >= self.p:
-            return image
-        _, height, width = image.shape
+            return 0, 0, 0, 0
         for _ in range(self.attempts):
             target_area = rng.uniform(*self.area) * height * width
             ratio = rng.uniform(self.aspect, 1 / self.aspect)
@@ -512,22 +512,23 @@ class RandomErasing:
             if w < width and h < height:
                 top = rng.randint(0, height - h)
                 left = rng.randint(0, width - w)
-                image[:, top:top + h, left:left + w] = self.value
-                return image
+                return top, left, h, w
+        return 0, 0, 0, 0
+
+    def __call__(self, image, rng=None):  # image (3, H, W) float tensor or array, erased in place
+        top, left, h, w = self.draw(*image.shape[1:], rng)
+        image[:, top:top + h, left:left + w] = self.value
         return image
-
-
-def _normalized_array(image, mean, std):
-    """PIL RGB → (3, H, W) float32 numpy: ToTensor ([0, 1]) then Normalize, (x/255 − mean)/std in one pass."""
-    array = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
-    std = np.asarray(std, dtype=np.float32)
-    normalized = array.astype(np.float32) * (1 / (255 * std)) - np.asarray(mean, dtype=np.float32) / std
-    return np.ascontiguousarray(normalized.transpose(2, 0, 1))  # (3, H, W)
 
 
 class ImageTransform:
     """Resize (bicubic) → [flip 0.5 → RandAugment(2, 7)] → ToTensor+Normalize → [RandomErasing] (spec §4.6).
-    Call as transform(pil_image, rng=None) → (3, H, W) float tensor."""
+    Call as transform(pil_image, rng=None) → (3, H, W) float tensor.
+
+    Training data goes through the DataLoader as uint8 (`for_device`: 4x smaller than float32, and the
+    workers skip the float work): the workers run everything up to the uint8 pixels and draw the erasing
+    rectangle with the same random numbers, in the same order; `device_images` normalises and erases on
+    the device, to the same values as calling the transform (our choice)."""
 
     def __init__(self, image_size, normalization, train, erasing_p=0.6):
         if isinstance(normalization, str):
@@ -540,17 +541,42 @@ class ImageTransform:
         self.randaugment = RandAugment(2, 7)
         self.erasing = RandomErasing(erasing_p)
 
-    def __call__(self, image, rng=None):
+    def for_device(self, image, rng=None):
+        """dict(image (3, H, W) uint8, erase (4,) long: top, left, h, w of the rectangle to erase (h = 0: none),
+        norm (2, 3) float32: mean and std), the input of `device_images`."""
         rng = rng or random
         image = image.convert("RGB").resize((self.width, self.height), Image.Resampling.BICUBIC)
         if self.train:
             if rng.random() < 0.5:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             image = self.randaugment(image, rng)
-        array = _normalized_array(image, self.mean, self.std)  # (3, H, W)
-        if self.train and self.erasing.p > 0:
-            array = self.erasing(array, rng)
-        return torch.from_numpy(array)
+        erase = self.erasing.draw(self.height, self.width, rng) if self.train and self.erasing.p > 0 else (0,) * 4
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())  # (3, H, W)
+        return {"image": pixels, "erase": torch.tensor(erase, dtype=torch.long),
+                "norm": torch.tensor((self.mean, self.std), dtype=torch.float32)}
+
+    def __call__(self, image, rng=None):
+        sample = self.for_device(image, rng)
+        return device_images(*(sample[key][None] for key in ("image", "erase", "norm")), self.erasing.value)[0]
+
+
+def device_images(images, erase, norm, fill=0.0):
+    """The end of the train transform, on the batch's device (spec §4.6): ToTensor+Normalize, then the erasing.
+
+        x = (u / 255 − mean) / std,   computed as u · (1 / (255·std)) − mean / std in fp32
+        x[:, top:top+h, left:left+w] = fill (0.0, the dataset mean)
+
+    images (B, 3, H, W) uint8, erase (B, 4) long, norm (B, 2, 3) float32 (from ImageTransform.for_device)
+    → (B, 3, H, W) float32. Fixed shapes, no host sync.
+    """
+    _, _, height, width = images.shape
+    mean, std = norm[:, 0, :, None, None], norm[:, 1, :, None, None]  # (B, 3, 1, 1)
+    x = images.float() * (1 / (255 * std)) - mean / std  # (B, 3, H, W)
+    top, left, h, w = (e[:, None, None] for e in erase.unbind(1))  # (B, 1, 1) each
+    rows = torch.arange(height, device=images.device)[None, :, None]  # (1, H, 1)
+    cols = torch.arange(width, device=images.device)[None, None, :]  # (1, 1, W)
+    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)  # (B, H, W)
+    return x.masked_fill(inside[:, None], fill)
 
 
 def train_transform(image_size, normalization, erasing_p=0.6):
@@ -821,29 +847,86 @@ def _fields(entry, keys):
     return tuple(entry[k] for k in keys) if isinstance(entry, dict) else tuple(entry)
 
 
+class PromptMasking:
+    """The attribute prompts of a table (spec §3.1) tokenised once, padded to the longest (spec §2.5), and a fresh
+    masking of all of them, as captions are masked (spec §2.4, §2.7), each time it is called."""
+
+    def __init__(self, tokenizer, prompts, max_tokens):
+        self.tokenizer = tokenizer
+        self.prompt_ids, self.prompt_atts = tokenizer(list(prompts), max_length=max_tokens, padding="longest")  # (P, L)
+
+    def __call__(self, generator):
+        """-> prompt_masked_ids (P, L), prompt_masked_pos (P, M), prompt_masked_labels (P, M)."""
+        return mask_tokens(self.prompt_ids, self.tokenizer, generator)
+
+
+PROMPT_MASK_KEYS = ("prompt_masked_ids", "prompt_masked_pos", "prompt_masked_labels")
+
+
+def split_prompt_rows(rows, batch_size):
+    """(P, ...) -> (B, r, ...), r = ⌈P / B⌉, zero rows padding the end: one batch-level tensor as B per-sample ones,
+    so that default_collate can carry it (_SampleRandom.__getitems__)."""
+    per_sample = -(-rows.shape[0] // batch_size)
+    padded = rows.new_zeros((batch_size * per_sample, *rows.shape[1:]))  # (B·r, ...)
+    padded[:rows.shape[0]] = rows
+    return padded.unflatten(0, (batch_size, per_sample))
+
+
+def join_prompt_rows(rows, num_prompts):
+    """The inverse of split_prompt_rows: (B, r, ...) collated rows -> (P, ...)."""
+    return rows.flatten(0, 1)[:num_prompts]
+
+
 class _SampleRandom:
     """Randomness of one sample, derived from (seed, epoch, index) alone: the same augmentation and masks whatever
     the number of DataLoader workers and wherever a resumed run restarts (exact resume); a new draw every epoch.
-    The training loop calls set_epoch before it builds each epoch's loader."""
+    The training loop's sampler passes the epoch with the indices (pretrain.RunBatches); otherwise call set_epoch.
+
+    With a `prompt_masking` (PromptMasking), each batch also carries one masking of every attribute prompt for
+    MAM (spec §2.7), drawn in the DataLoader worker that loads the batch instead of in the training process, from
+    (seed, epoch, the batch's first index), so it too survives a resume exactly."""
     seed = 0
     epoch = 0
+    prompt_masking = None
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
-    def _rngs(self, index):
-        mixed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+    def _rngs(self, index, stream=()):
+        entropy = [self.seed, self.epoch, index, *stream]
+        mixed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
         return random.Random(mixed), torch.Generator().manual_seed(mixed)
+
+    def __getitems__(self, indices):
+        """The samples of one batch (the DataLoader's batched fetch), plus the batch's prompt masking if any.
+        Indices given as (epoch, index) pairs (pretrain.RunBatches, whose workers outlive an epoch) set the epoch.
+
+        default_collate stacks per-sample tensors, so the (P, ...) prompt masking travels split over the B
+        samples: sample i carries rows i·r … i·r + r − 1, r = ⌈P / B⌉ (split_prompt_rows), and
+        `join_prompt_rows` puts the collated (B, r, ...) back together.
+        """
+        if indices and isinstance(indices[0], tuple):
+            self.set_epoch(indices[0][0])
+            indices = [index for _, index in indices]
+        samples = [self[index] for index in indices]
+        if self.prompt_masking is not None:
+            _, generator = self._rngs(indices[0], stream=(1,))
+            for key, rows in zip(PROMPT_MASK_KEYS, self.prompt_masking(generator)):  # (P, ...) each
+                for sample, part in zip(samples, split_prompt_rows(rows, len(samples))):
+                    sample[key] = part  # (r, ...)
+        return samples
 
 
 class PretrainDataset(torch.utils.data.Dataset, _SampleRandom):
     """MALS-style pre-training samples (spec §2.4, §4.2): entries from read_mals (dicts with image, caption,
-    pid, label; tuples in that order work too). Returns image (3, H, W), input_ids/attention_mask (L,),
-    masked_ids (L,), masked_pos (M,), masked_labels (M,), pid (), attr_label (K,)."""
+    pid, label; tuples in that order work too). Returns image (3, H, W) uint8, erase (4,), norm (2, 3) (see
+    ImageTransform.for_device), input_ids/attention_mask (L,), masked_ids (L,), masked_pos (M,),
+    masked_labels (M,), pid (), attr_label (K,); in batches also the prompt masking (_SampleRandom)."""
 
     def __init__(self, entries, transform, tokenizer, max_tokens=56, max_words=56, mask_prob=0.25, max_masks=10,
-                 skipgram_prb=0.2, skipgram_size=3, whole_word=True, seed=0):
+                 skipgram_prb=0.2, skipgram_size=3, whole_word=True, seed=0, prompt_masking=None):
         self.entries, self.transform, self.tokenizer, self.seed = entries, transform, tokenizer, seed
+        self.prompt_masking = prompt_masking
         self.max_tokens, self.max_words = max_tokens, max_words
         self.masking = dict(mask_prob=mask_prob, max_masks=max_masks, skipgram_prb=skipgram_prb,
                             skipgram_size=skipgram_size, whole_word=whole_word)
@@ -860,7 +943,7 @@ class PretrainDataset(torch.utils.data.Dataset, _SampleRandom):
     def __getitem__(self, index):
         rng, generator = self._rngs(index)
         image_path, caption, pid, label = _fields(self.entries[index], ("image", "caption", "pid", "label"))
-        sample = {"image": self.transform(load_image(image_path), rng)}
+        sample = self.transform.for_device(load_image(image_path), rng)
         sample.update(self._text(pre_caption(caption, self.max_words), generator))
         sample["pid"] = torch.tensor(pid, dtype=torch.long)
         sample["attr_label"] = torch.tensor(label, dtype=torch.long)
@@ -881,7 +964,7 @@ class FinetuneDataset(PretrainDataset):
     def __getitem__(self, index):
         rng, generator = self._rngs(index)
         image_path, caption, pid = _fields(self.entries[index], ("image", "caption", "pid"))
-        sample = {"image": self.transform(load_image(image_path), rng)}
+        sample = self.transform.for_device(load_image(image_path), rng)
         sample.update(self._text(pre_caption(caption, self.max_words), generator))
         if self.eda:
             use_eda = rng.random() < self.eda_p
@@ -910,10 +993,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 class AttributeDataset(torch.utils.data.Dataset, _SampleRandom):
-    """Attribute-recognition samples: entries from read_attributes → dict(image, attr_label (K,))."""
+    """Attribute-recognition samples: entries from read_attributes → dict(image, erase, norm, attr_label (K,));
+    in batches also the prompt masking (_SampleRandom)."""
 
-    def __init__(self, entries, transform, seed=0):
-        self.entries, self.transform, self.seed = entries, transform, seed
+    def __init__(self, entries, transform, seed=0, prompt_masking=None):
+        self.entries, self.transform, self.seed, self.prompt_masking = entries, transform, seed, prompt_masking
 
     def __len__(self):
         return len(self.entries)
@@ -921,5 +1005,5 @@ class AttributeDataset(torch.utils.data.Dataset, _SampleRandom):
     def __getitem__(self, index):
         rng, _ = self._rngs(index)
         image_path, label = _fields(self.entries[index], ("image", "label"))
-        return {"image": self.transform(load_image(image_path), rng),
+        return {**self.transform.for_device(load_image(image_path), rng),
                 "attr_label": torch.tensor(label, dtype=torch.long)}

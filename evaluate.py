@@ -19,10 +19,11 @@ reTools.py, so `itm` probably did; R@K should differ by ±0.1–0.3 between the 
 Commands:
   python evaluate.py --ckpt out/finetune/ckpt.pt                            # synthetic test split
   python evaluate.py --ckpt checkpoint_best.pth --bert data/bert-base-uncased \
-      --dataset cuhk --data-root data/CUHK-PEDES --fusion aptm4 --json out/cuhk.json
+      --dataset cuhk --data-root data/CUHK-PEDES --fusion aptm4 --dtype float32 --json out/cuhk.json
   python evaluate.py --ckpt out/finetune/ckpt.pt --query "a woman in a red coat with a black backpack"
   python evaluate.py --ckpt out/finetune/ckpt.pt --query-index 7 --out out/search.png
   python evaluate.py --ckpt out/finetune/ckpt.pt --images my_photos/ --query "a man in a blue shirt"
+  python evaluate.py --oracle                       # the attribute oracle: captions alone, no model
 
 Letters: Q queries (texts), G gallery images, k re-ranked images per query, P pairs in one ITM batch,
 L text tokens, N image tokens, Dv vision width, Dt text width, D projection width.
@@ -45,6 +46,7 @@ import synthetic
 from model import amp_dtype, autocast_for
 
 FUSION_MODES = ("aptm", "aptm4", "itm", "itc")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype: autocast dtype (model.amp_dtype)
 ITC_WEIGHT = 0.002         # weight of minmax(S) in the fused score [reTools.py: evaluation], spec §6.2
 SENTINEL = 1000.0          # the released code's "not re-ranked" marker [reTools.py], spec §6.2
 NUM_GPUS_RELEASED = 4      # world size of the official runs (spec §5.3), emulated by fusion "aptm4"
@@ -140,7 +142,7 @@ def fuse_scores(sim, topk_idx, itm, mode="aptm"):
 
 @torch.inference_mode()
 def encode_images(model, image_paths, device, image_size, normalization, batch_size=64, num_workers=None,
-                  progress=True):
+                  progress=True, dtype="auto"):
     """image_embeds (G, N, Dv) kept on `device` in the autocast dtype; image_feat (G, D) normalised fp32."""
     dataset = data.ImageDataset(image_paths, data.test_transform(image_size, normalization))
     if num_workers is None:  # on a CPU, loader processes would take the cores the model's threads spin on
@@ -149,16 +151,16 @@ def encode_images(model, image_paths, device, image_size, normalization, batch_s
                         pin_memory=torch.device(device).type == "cuda")
     image_embeds, image_feat = [], []
     for batch in tqdm(loader, desc="images", disable=not progress, leave=False):
-        with autocast_for(device):
+        with autocast_for(device, dtype):
             embeds = model.encode_image(batch["image"].to(device, non_blocking=True))  # (B, N, Dv)
             feat = model.image_feat(embeds)  # (B, D)
-        image_embeds.append(embeds.to(amp_dtype(device) or torch.float32))
+        image_embeds.append(embeds.to(amp_dtype(device, dtype) or torch.float32))
         image_feat.append(F.normalize(feat.float(), dim=-1))
     return torch.cat(image_embeds), torch.cat(image_feat)
 
 
 @torch.inference_mode()
-def encode_texts(model, tokenizer, captions, device, max_tokens, batch_size=256, progress=True):
+def encode_texts(model, tokenizer, captions, device, max_tokens, batch_size=256, progress=True, dtype="auto"):
     """text_embeds (Q, L, Dt) in the autocast dtype, text_atts (Q, L), text_feat (Q, D) normalised fp32.
     Padding to max_tokens as the official code does (spec §6.1)."""
     text_embeds, text_atts, text_feat = [], [], []
@@ -167,10 +169,10 @@ def encode_texts(model, tokenizer, captions, device, max_tokens, batch_size=256,
         input_ids, attention_mask = tokenizer(captions[start:start + batch_size], max_length=max_tokens,
                                               padding="max_length")  # (B, L), (B, L)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        with autocast_for(device):
+        with autocast_for(device, dtype):
             embeds = model.encode_text(input_ids, attention_mask)  # (B, L, Dt)
             feat = model.text_feat(embeds)  # (B, D)
-        text_embeds.append(embeds.to(amp_dtype(device) or torch.float32))
+        text_embeds.append(embeds.to(amp_dtype(device, dtype) or torch.float32))
         text_atts.append(attention_mask)
         text_feat.append(F.normalize(feat.float(), dim=-1))
     return torch.cat(text_embeds), torch.cat(text_atts), torch.cat(text_feat)
@@ -184,30 +186,34 @@ def _take(tree, index):
 
 
 @torch.inference_mode()
-def itm_rerank(model, text_embeds, text_atts, image_embeds, topk_idx, pair_batch=1024, progress=True):
+def itm_rerank(model, text_embeds, text_atts, image_embeds, topk_idx, pair_batch=1024, progress=True, dtype="auto"):
     """ITM match logits itm (Q, k) for the pairs (i, topk_idx[i, j]), spec §6.2.
 
     All Q·k pairs form one list processed `pair_batch` at a time, so one forward covers many queries.
     Our speed-ups, which leave each logit unchanged: queries are visited in order of text length and each
-    batch is cut to its longest text (padded keys are masked, so [CLS] does not see them); when the model
-    computes every image's cross-attention keys/values once (`cross_kv`), not once per pair.
+    batch is cut to its longest text (padded keys are masked, so [CLS] does not see them), all these lengths
+    read back to the host at once (one sync, not one per batch); every image's cross-attention keys/values are
+    computed once (`cross_kv`), not once per pair.
     """
     device = text_embeds.device
     num_queries, k = topk_idx.shape
+    num_pairs = num_queries * k
     lengths = text_atts.sum(1)  # (Q,)
     order = lengths.argsort(stable=True)  # (Q,)
     query_idx = order.repeat_interleave(k)  # (Q·k,)
     image_idx = topk_idx[order].reshape(-1)  # (Q·k,)
     slots = (order[:, None] * k + torch.arange(k, device=device)).reshape(-1)  # (Q·k,) place in itm
-    with autocast_for(device):
+    starts = range(0, num_pairs, pair_batch)
+    last_pair = (torch.arange(len(starts), device=device) + 1).mul(pair_batch).clamp(max=num_pairs) - 1  # (n,)
+    batch_lengths = lengths[query_idx[last_pair]].tolist()  # longest text of each batch: its last (one sync)
+    with autocast_for(device, dtype):
         image_kv = model.cross_kv(image_embeds)
-    itm = torch.empty(num_queries * k, device=device)  # (Q·k,)
-    starts = range(0, num_queries * k, pair_batch)
-    for start in tqdm(starts, desc="itm", disable=not progress, leave=False):
+    itm = torch.empty(num_pairs, device=device)  # (Q·k,)
+    for start, length in tqdm(zip(starts, batch_lengths), total=len(starts), desc="itm", disable=not progress,
+                              leave=False):
         pairs = slice(start, start + pair_batch)
         q, g = query_idx[pairs], image_idx[pairs]  # (P,), (P,)
-        length = int(lengths[q].max())
-        with autocast_for(device):
+        with autocast_for(device, dtype):
             logits = model.itm_logits(text_embeds[q, :length], text_atts[q, :length],
                                       image_kv=_take(image_kv, g))  # (P, 2)
         itm[slots[pairs]] = logits[:, 1].float()  # raw match logit, spec §6.2
@@ -216,14 +222,14 @@ def itm_rerank(model, text_embeds, text_atts, image_embeds, topk_idx, pair_batch
 
 @torch.inference_mode()
 def rank_gallery(model, text_embeds, text_atts, text_feat, image_embeds, image_feat, k_rerank=128,
-                 fusion="aptm", pair_batch=1024, progress=True):
+                 fusion="aptm", pair_batch=1024, progress=True, dtype="auto"):
     """Fused scores F (Q, G) for Q encoded texts against G encoded images, and the ITM time in seconds."""
     sim = text_feat @ image_feat.t()  # (Q, G) cosine, no temperature (spec §6.1)
     if fusion == "itc":
         return fuse_scores(sim, None, None, "itc"), 0.0
     start = time.perf_counter()
     topk_idx = sim.topk(min(k_rerank, sim.shape[1]), dim=1).indices  # (Q, k)
-    itm = itm_rerank(model, text_embeds, text_atts, image_embeds, topk_idx, pair_batch, progress)  # (Q, k)
+    itm = itm_rerank(model, text_embeds, text_atts, image_embeds, topk_idx, pair_batch, progress, dtype)  # (Q, k)
     if sim.device.type == "cuda":
         torch.cuda.synchronize(sim.device)
     return fuse_scores(sim, topk_idx, itm, fusion), time.perf_counter() - start
@@ -231,12 +237,13 @@ def rank_gallery(model, text_embeds, text_atts, text_feat, image_embeds, image_f
 
 def evaluate_retrieval(model, tokenizer, testset, device, image_size=None, normalization=None, k_rerank=128,
                        fusion="aptm", max_tokens=None, batch_size=64, text_batch_size=256, pair_batch=1024,
-                       num_workers=None, progress=True):
+                       num_workers=None, progress=True, dtype="auto"):
     """Text→image retrieval on a data.TestSet: dict(R1, R5, R10, mAP, mINP, time_features, time_itm,
     time_total) with metrics in percent and times in seconds. Called by pretrain.py / finetune.py.
 
     image_size and max_tokens default to model.config's; normalization is a (mean, std) pair of
-    data.NORMALIZATION; batch_size is for images, text_batch_size for texts, pair_batch for ITM pairs."""
+    data.NORMALIZATION; batch_size is for images, text_batch_size for texts, pair_batch for ITM pairs; dtype is
+    the autocast dtype (amp_dtype)."""
     if fusion not in FUSION_MODES:
         raise ValueError(f"unknown fusion {fusion!r}; choose from {FUSION_MODES}")
     if normalization is None:
@@ -248,18 +255,56 @@ def evaluate_retrieval(model, tokenizer, testset, device, image_size=None, norma
     model.eval()
     start = time.perf_counter()
     image_embeds, image_feat = encode_images(model, testset.image_paths, device, image_size, normalization,
-                                             batch_size, num_workers, progress)
+                                             batch_size, num_workers, progress, dtype)
     text_embeds, text_atts, text_feat = encode_texts(model, tokenizer, testset.captions, device, max_tokens,
-                                                     text_batch_size, progress)
+                                                     text_batch_size, progress, dtype)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     time_features = time.perf_counter() - start
     scores, time_itm = rank_gallery(model, text_embeds, text_atts, text_feat, image_embeds, image_feat,
-                                    k_rerank, fusion, pair_batch, progress)  # (Q, G)
+                                    k_rerank, fusion, pair_batch, progress, dtype)  # (Q, G)
     metrics = retrieval_metrics(scores, testset.q_pids, testset.g_pids)
     model.train(was_training)
     return {**metrics, "time_features": time_features, "time_itm": time_itm,
             "time_total": time.perf_counter() - start}
+
+
+# -----------------------------------------------------------------------------
+# The attribute oracle: a no-learning reference (ours, issue 14)
+
+ORACLE_TIE_ORDERS = 50  # random orders of tied scores averaged over (our choice: R1 within 0.05 of the exact c/t)
+
+
+def attribute_oracle_scores(testset, label_fn=synthetic.label_caption):
+    """How far the captions' words alone identify a person: no images, no learning (ours).
+
+    Each caption's 27 MALS labels come from `label_fn` (the caption → label rules of spec §3.1, −1 where
+    silent); a gallery identity knows the union of its test captions' labels, as the set of (attribute, value)
+    pairs they state. A query scores each gallery image by the stated labels its identity agrees with minus
+    those it contradicts. -> (Q, G) float scores, integers: many ties.
+    """
+    labels = torch.tensor([label_fn(caption) for caption in testset.captions])  # (Q, K) in {1, 0, -1}
+    identities = sorted(set(testset.g_pids))
+    column = {pid: i for i, pid in enumerate(identities)}
+    said_1 = (labels == 1).float()  # (Q, K)
+    said_0 = (labels == 0).float()  # (Q, K)
+    owner = torch.zeros(len(identities), len(testset.captions))  # (I, Q) 1 where caption q describes identity i
+    owner[[column[pid] for pid in testset.q_pids], torch.arange(len(testset.captions))] = 1
+    known_1 = (owner @ said_1 > 0).float()  # (I, K) some caption of the identity states value 1
+    known_0 = (owner @ said_0 > 0).float()  # (I, K)
+    agree = said_1 @ known_1.T + said_0 @ known_0.T  # (Q, I)
+    contradict = said_1 @ known_0.T + said_0 @ known_1.T  # (Q, I)
+    return (agree - contradict)[:, [column[pid] for pid in testset.g_pids]]  # (Q, G)
+
+
+def attribute_oracle(testset, label_fn=synthetic.label_caption, tie_orders=ORACLE_TIE_ORDERS, seed=0):
+    """R1/R5/R10/mAP/mINP of the attribute oracle, ties counted at their expected value under a random order
+    (the mean over `tie_orders` seeded random orders; R1 alone could be exact: c/t of the tied top)."""
+    scores = attribute_oracle_scores(testset, label_fn)  # (Q, G) integers
+    generator = torch.Generator().manual_seed(seed)
+    runs = [retrieval_metrics(scores + 0.5 * torch.rand(scores.shape, generator=generator), testset.q_pids,
+                              testset.g_pids) for _ in range(tie_orders)]
+    return {key: sum(run[key] for run in runs) / tie_orders for key in ("R1", "R5", "R10", "mAP", "mINP")}
 
 
 # -----------------------------------------------------------------------------
@@ -302,7 +347,9 @@ def list_images(folder):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # model
-    parser.add_argument("--ckpt", required=True, help="checkpoint of ours or an official APTM .pth")
+    parser.add_argument("--ckpt", help="checkpoint of ours or an official APTM .pth")
+    parser.add_argument("--oracle", action="store_true", help="no model: score the attribute oracle, a "
+                        "no-learning reference from the captions' words alone (attribute_oracle)")
     parser.add_argument("--bert", default=None, help="bert-base-uncased folder: the tokenizer for official "
                         "checkpoints, which carry none")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -321,6 +368,8 @@ def parse_args(argv=None):
     parser.add_argument("--text-batch-size", type=int, default=256, help="texts per encoder batch "
                         "(batch_size_test_text in configs/*.yaml)")
     parser.add_argument("--pair-batch", type=int, default=1024, help="(query, image) pairs per ITM forward")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="autocast dtype; auto: bfloat16 on a GPU, "
+                        "float32 on a CPU; float32 for parity with the paper's numbers (the official evaluation)")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="image-loading processes (default: 4 on a GPU, 0 on a CPU)")
     parser.add_argument("--json", default=None, help="write the metrics here")
@@ -335,7 +384,11 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="out/search.png", help="PNG grid of the search results")
     args = parser.parse_args(argv)
 
-    if not os.path.isfile(args.ckpt):
+    if args.oracle and (args.ckpt or args.query is not None or args.query_index is not None):
+        data.fail("--oracle needs no --ckpt and does not search: it scores the captions alone")
+    if not args.oracle and args.ckpt is None:
+        data.fail("give --ckpt (a checkpoint to evaluate), or --oracle")
+    if args.ckpt is not None and not os.path.isfile(args.ckpt):
         data.fail(f"checkpoint {args.ckpt} not found")
     if args.k_rerank < 1 or args.top < 1:
         data.fail("--k-rerank and --top must be ≥ 1")
@@ -380,10 +433,11 @@ def run_search(args, model, tokenizer, device, normalization):
         except ValueError:
             data.fail(f"--query {args.query!r} is empty after cleaning")
     image_embeds, image_feat = encode_images(model, image_paths, device, model.config.image_size,
-                                             normalization, args.batch_size, args.num_workers)
-    text_embeds, text_atts, text_feat = encode_texts(model, tokenizer, [query], device, model.config.max_tokens)
+                                             normalization, args.batch_size, args.num_workers, dtype=args.dtype)
+    text_embeds, text_atts, text_feat = encode_texts(model, tokenizer, [query], device, model.config.max_tokens,
+                                                     dtype=args.dtype)
     scores, _ = rank_gallery(model, text_embeds, text_atts, text_feat, image_embeds, image_feat, args.k_rerank,
-                             args.fusion, args.pair_batch)  # (1, G)
+                             args.fusion, args.pair_batch, dtype=args.dtype)  # (1, G)
     top_scores, top_idx = scores[0].topk(min(args.top, len(image_paths)))
     top_paths = [image_paths[j] for j in top_idx.tolist()]
     correct = None if query_pid is None else [str(g_pids[j]) == str(query_pid) for j in top_idx.tolist()]
@@ -399,20 +453,27 @@ def main(argv=None):
     args = parse_args(argv)
     if args.dataset == "synthetic" and args.images is None:
         synthetic.synthetic_world(args.data_root or "data/synthetic")  # generated with the defaults if missing
-    device = torch.device(args.device)
-    model, tokenizer = data.load_model_and_tokenizer(args.ckpt, args.bert, device)
-    normalization = data.NORMALIZATION[args.dataset]
-    if args.query is not None or args.query_index is not None:
-        run_search(args, model, tokenizer, device, normalization)
-        return None
-    testset = data.load_retrieval(args.dataset, args.data_root, args.split)
-    result = evaluate_retrieval(model, tokenizer, testset, device, model.config.image_size, normalization,
-                                args.k_rerank, args.fusion, model.config.max_tokens, args.batch_size,
-                                args.text_batch_size, args.pair_batch, args.num_workers)
-    result = {"dataset": args.dataset, "split": args.split, "fusion": args.fusion, "k_rerank": args.k_rerank,
+    if args.oracle:
+        testset = data.load_retrieval(args.dataset, args.data_root, args.split)
+        start = time.perf_counter()
+        result = attribute_oracle(testset)
+        result.update(fusion="oracle", time_total=time.perf_counter() - start)
+    else:
+        device = torch.device(args.device)
+        model, tokenizer = data.load_model_and_tokenizer(args.ckpt, args.bert, device)
+        normalization = data.NORMALIZATION[args.dataset]
+        if args.query is not None or args.query_index is not None:
+            run_search(args, model, tokenizer, device, normalization)
+            return None
+        testset = data.load_retrieval(args.dataset, args.data_root, args.split)
+        result = evaluate_retrieval(model, tokenizer, testset, device, model.config.image_size, normalization,
+                                    args.k_rerank, args.fusion, model.config.max_tokens, args.batch_size,
+                                    args.text_batch_size, args.pair_batch, args.num_workers, dtype=args.dtype)
+        result.update(fusion=args.fusion, dtype=args.dtype)
+    result = {"dataset": args.dataset, "split": args.split, "k_rerank": args.k_rerank,
               "queries": len(testset.captions), "gallery": len(testset.image_paths), **result}
     header = ("dataset", "split", "fusion", "queries", "gallery", "R1", "R5", "R10", "mAP", "mINP", "seconds")
-    row = (args.dataset, args.split, args.fusion, result["queries"], result["gallery"],
+    row = (args.dataset, args.split, result["fusion"], result["queries"], result["gallery"],
            *(f"{result[key]:.2f}" for key in ("R1", "R5", "R10", "mAP", "mINP")), f"{result['time_total']:.1f}")
     widths = [max(len(str(h)), len(str(v))) for h, v in zip(header, row)]
     print("  ".join(str(h).rjust(w) for h, w in zip(header, widths)))

@@ -33,16 +33,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from attributes import (ATTRIBUTE_DATASETS, PROMPT_MAX_TOKENS, PROMPT_TABLES, PromptStream, attribute_split,
-                        evaluate_attributes)
-from data import (NORMALIZATION, AttributeDataset, FinetuneDataset, Tokenizer, fail, load_model_and_tokenizer,
-                  load_retrieval, read_checkpoint, train_transform)
+from attributes import (ATTRIBUTE_DATASETS, PROMPT_MAX_TOKENS, PROMPT_TABLES, PromptStream, attribute_draws,
+                        attribute_split, evaluate_attributes)
+from data import (NORMALIZATION, AttributeDataset, FinetuneDataset, PromptMasking, Tokenizer, device_images, fail,
+                  load_model_and_tokenizer, load_retrieval, read_checkpoint, train_transform)
 from evaluate import evaluate_retrieval
-from losses import EDA_WEIGHT, finetune_objective, mlm_loss, pa100k_objective
+from losses import EDA_WEIGHT, categorical_noise, finetune_objective, mlm_loss, pa100k_objective
 from model import APTM, CONFIGS, config_for_bert, load_bert
-from pretrain import (DEFAULT_WORKERS, UNIFORM_NEGATIVES_HELP, EpochBatches, all_rng_states, autocast_setup,
+from pretrain import (DEFAULT_WORKERS, UNIFORM_NEGATIVES_HELP, NonFiniteWatch, all_rng_states, autocast_setup,
                       cleanup_distributed, fill_preset_defaults, get_lr, make_optimizer, restore, resume_settings,
-                      retrieval_losses, save_checkpoint, schedule_steps, seed_everything, setup_distributed)
+                      retrieval_losses, run_loader, save_checkpoint, schedule_steps, seed_everything,
+                      setup_distributed)
 from synthetic import synthetic_world
 
 RETRIEVAL_DATASETS = ("synthetic", "cuhk", "icfg", "rstp")
@@ -103,6 +104,8 @@ def get_args(argv=None):
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                         help="data-loader processes (decode, augment, EDA, mask); 0 on a CPU (see pretrain.py)")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every Swin block "
+                        "and text/fusion layer: same gradients, less memory, ~1/3 more compute (our choice; off)")
     parser.add_argument("--seed", type=int, default=42, help="official: 42 + rank")
     parser.add_argument("--log-every", type=int, default=20, help="steps between log lines")
     parser.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
@@ -125,17 +128,29 @@ class FinetuneObjective(torch.nn.Module):
 
     def forward(self, batch, generator, progress):
         """batch from FinetuneDataset; progress = step / T in [0, 1) -> dict of named loss terms with "total"."""
+        return self.losses(batch, *self.draw(batch, generator, progress))
+
+    def draw(self, batch, generator, progress):
+        """The step's random numbers -> the arguments of `losses` after the batch. Drawn first, in eager mode
+        (torch.compile cannot trace an op that takes a Generator), so that `losses` compiles whole."""
+        batch_size = batch["pid"].shape[0]
+        negatives = categorical_noise((2, 2, batch_size, batch_size), generator)  # caption, EDA copy
+        return negatives, progress < self.uniform_negatives
+
+    def losses(self, batch, negatives, uniform):
         model = self.model
-        image_embeds = model.encode_image(batch["image"])                             # (B, N, Dv)
+        images = device_images(batch["image"], batch["erase"], batch["norm"])         # (B, 3, H, W)
+        image_embeds = model.encode_image(images)                                     # (B, N, Dv)
         image_feat = model.image_feat(image_embeds)                                   # (B, D)
-        pid, uniform = batch["pid"], progress < self.uniform_negatives
-        loss_itc, loss_itm = retrieval_losses(model, image_embeds, image_feat, batch["input_ids"],
-                                              batch["attention_mask"], pid, generator, uniform)
-        loss_itc_eda, loss_itm_eda = retrieval_losses(model, image_embeds, image_feat, batch["eda_input_ids"],
-                                                      batch["eda_attention_mask"], pid, generator, uniform)
+        image_kv = model.cross_kv(image_embeds)       # each image's cross-attention keys/values, projected once
+        pid = batch["pid"]
+        loss_itc, loss_itm = retrieval_losses(model, image_kv, image_feat, batch["input_ids"],
+                                              batch["attention_mask"], pid, negatives[0], uniform)
+        loss_itc_eda, loss_itm_eda = retrieval_losses(model, image_kv, image_feat, batch["eda_input_ids"],
+                                                      batch["eda_attention_mask"], pid, negatives[1], uniform)
         # MLM on the original caption only (E12).
-        mlm_logits = model.mlm_logits(batch["masked_ids"], batch["attention_mask"], image_embeds,
-                                      batch["masked_pos"])                            # (B, M, V)
+        mlm_logits = model.mlm_logits(batch["masked_ids"], batch["attention_mask"], None, batch["masked_pos"],
+                                      image_kv=image_kv)                              # (B, M, V)
         loss_mlm = mlm_loss(mlm_logits, batch["masked_labels"])
         return finetune_objective(loss_itc, loss_itc_eda, loss_itm, loss_itm_eda, loss_mlm, self.eda_weight)
 
@@ -149,10 +164,20 @@ class AttributeObjective(torch.nn.Module):
         self.prompts = PromptStream(tokenizer, PROMPT_TABLES[table], PROMPT_MAX_TOKENS[table], label_smoothing=0.0)
 
     def forward(self, batch, generator, progress):
-        """batch from AttributeDataset -> dict of named loss terms with "total"."""
-        image_embeds = self.model.encode_image(batch["image"])                        # (B, N, Dv)
+        """batch from AttributeDataset (with its prompt masking) -> dict of named loss terms with "total"."""
+        return self.losses(batch, *self.draw(batch, generator, progress))
+
+    def draw(self, batch, generator, progress):
+        """The step's random choices -> the arguments of `losses` after the batch (drawn first, in eager mode:
+        torch.compile cannot trace an op that takes a Generator)."""
+        return (attribute_draws(batch["attr_label"], generator),)
+
+    def losses(self, batch, draws):
+        images = device_images(batch["image"], batch["erase"], batch["norm"])         # (B, 3, H, W)
+        image_embeds = self.model.encode_image(images)                                # (B, N, Dv)
         image_feat = self.model.image_feat(image_embeds)                              # (B, D)
-        attr = self.prompts(self.model, image_embeds, image_feat, batch["attr_label"], generator)
+        image_kv = self.model.cross_kv(image_embeds)  # each image's cross-attention keys/values, projected once
+        attr = self.prompts(self.model, image_embeds, image_feat, batch, draws, image_kv)
         return pa100k_objective(attr["iac"], attr["iam"], attr["mam"])
 
 
@@ -208,10 +233,12 @@ def main(argv=None):
         if args.bert:
             load_bert(model, args.bert)
     model = model.to(device)
+    model.checkpointing = args.checkpointing  # activations recomputed in the backward
     config = model.config
     transform = train_transform(config.image_size, NORMALIZATION[norm], args.erasing_p)
     if args.dataset in FINETUNE_ATTRIBUTE_DATASETS:
-        dataset = AttributeDataset(entries, transform, args.seed)
+        dataset = AttributeDataset(entries, transform, args.seed,
+                                   PromptMasking(tokenizer, PROMPT_TABLES[table], PROMPT_MAX_TOKENS[table]))
         objective = AttributeObjective(model, tokenizer, table).to(device)
     else:
         dataset = FinetuneDataset(entries, transform, tokenizer, config.max_tokens, seed=args.seed,
@@ -234,14 +261,14 @@ def main(argv=None):
               f"({dtype}), {len(dataset):,} samples, {per_epoch} steps/epoch x {args.epochs} epochs")
     t0 = t_log = time.time()
     pairs_since_log = 0
+    # one loader for the whole run: its workers persist across epochs and prefetch (run_loader)
+    loader, sampler = run_loader(dataset, args.batch_size, args.seed, rank, world_size, args.workers, device)
+    watch = NonFiniteWatch(device)
     while step < last_step:
         # one epoch's batches, from where a resumed run stopped; each sample's augmentation is seeded by
         # (seed, epoch, index), so it is the same with any number of workers
         epoch, start = divmod(step, per_epoch)
-        dataset.set_epoch(epoch)
-        sampler = EpochBatches(len(dataset), args.batch_size, args.seed, epoch, rank, world_size, start)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                                             pin_memory=device.type == "cuda", generator=torch.Generator())
+        sampler.set(epoch, start)
         model.train()
         for batch in tqdm(loader, total=len(sampler), desc=f"epoch {epoch}", disable=not master, leave=False,
                           dynamic_ncols=True):
@@ -254,9 +281,8 @@ def main(argv=None):
             # forward under autocast: every loss term of E10-E12 or E13
             with ctx:
                 terms = wrapped(batch, generator, step / total_steps)
-            if not torch.isfinite(terms["total"]):
-                values = {k: round(v.item(), 4) for k, v in terms.items()}
-                fail(f"non-finite loss at step {step}: {values} (lower --lr, or try --dtype float32)")
+            # a non-finite loss is noted on the device and read back at log steps (no host sync per step)
+            watch.update(step, terms)
             # backward through the scaler (a no-op unless fp16), unscale, clip, step
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms["total"]).backward()
@@ -269,6 +295,8 @@ def main(argv=None):
             # ---------------- TRAINING STEP END ----------------
             # log: every term, the lr and the throughput, on screen and in log.jsonl
             pairs_since_log += len(batch["image"]) * world_size
+            if step % args.log_every == 0 or step == last_step:
+                watch.check()  # every rank: stop, naming the first step with a non-finite loss and its terms
             if master and (step % args.log_every == 0 or step == last_step):
                 record = dict(step=step, epoch=epoch, lr=args.lr * lr_factor,
                               **{k: round(v.item(), 4) for k, v in terms.items()},
@@ -280,6 +308,7 @@ def main(argv=None):
             if step == last_step:
                 break
         # evaluate: the validation split after each whole epoch; the best R1 (retrieval) or mA (attributes) is kept
+        watch.check()  # no evaluation or checkpoint of weights that a non-finite loss has reached
         epoch_done, is_best = step % per_epoch == 0, False
         if epoch_done and master and valset is not None:
             metrics = {f"val_{k}": v for k, v in evaluate_split(args, model, tokenizer, valset, device).items()}

@@ -8,10 +8,11 @@ to fp32, fp64 stays fp64 (STYLE.md).
 
 Randomness (ITM hard negatives, the 5 IAM prompts, the MAM conditioning images) lives in separate
 `sample_*` functions that take a `torch.Generator` on the device of their tensors, so a seeded
-generator reproduces a training step exactly.
+generator reproduces a training step exactly. None of them reads a value back to the host (no
+multinomial, no nonzero): a training step never waits for the device.
 
 Letters (shapes): B batch, D projection dim, K attributes, P = 2K prompts, S prompts drawn for IAM
-(5), M masked positions per row, V vocabulary, C classes of a cross-entropy, R prompts kept by MAM.
+(5), M masked positions per row, V vocabulary, C classes of a cross-entropy, R rows of the MAM batch (all P in training).
 
 Equation numbers E1…E13 are those of the spec (the paper's own numbers are not known, spec §10).
 """
@@ -53,7 +54,9 @@ def _smoothed_nll(logits, target, epsilon, ignore_index):
     valid = target != ignore_index  # (...)
     z = torch.where(valid[..., None], logits, 0.0)  # (..., C)
     y = torch.where(valid, target, 0).long()  # (...)
-    q = (1 - epsilon) * F.one_hot(y, num_classes).to(z.dtype) + epsilon / num_classes  # (..., C)
+    # one-hot of y by comparison: F.one_hot reads y's min and max back to the host (on a CPU)
+    one_hot = (y[..., None] == torch.arange(num_classes, device=y.device)).to(z.dtype)  # (..., C)
+    q = (1 - epsilon) * one_hot + epsilon / num_classes  # (..., C)
     row_loss = -(q * F.log_softmax(z, dim=-1)).sum(-1)  # (...)
     return torch.where(valid, row_loss, 0.0), valid
 
@@ -91,6 +94,28 @@ def itc_loss(image_feat, text_feat, pid, tau):
     return (loss_i2t + loss_t2i) / 2
 
 
+def categorical_noise(shape, generator):
+    """Exp(1) draws for `sample_categorical`, from `generator` and on its device.
+
+    Kept apart from the sampling so that a caller can draw every random number of a step first, in eager mode
+    (torch.compile cannot trace an op that takes a Generator), and pass the draws into a compiled graph.
+    """
+    return torch.empty(shape, device=generator.device).exponential_(generator=generator)
+
+
+def sample_categorical(weights, noise):
+    """One index per row, drawn with probability w_c / Σ_c w_c: argmax_c w_c / E_c with E_c ~ Exp(1) i.i.d.
+
+    weights (..., C) ≥ 0 with a positive entry in every row; noise (..., C) from `categorical_noise`. The
+    exponential race (equivalently the Gumbel-max trick, log w_c − log E_c): E_c / w_c ~ Exp(w_c), and the
+    smallest of independent exponentials is the c-th with probability w_c / Σ w. It replaces
+    torch.multinomial, which reads scalars back to the host (two syncs a call on a GPU) and breaks a
+    compiled graph. Zero weights are never drawn (score −1, below every w/E ≥ 0). Returns (...) long.
+    """
+    score = (weights / noise).masked_fill(weights == 0, -1.0)  # (..., C)
+    return score.argmax(dim=-1)  # (...)
+
+
 @torch.no_grad()
 @_in_fp32
 def sample_hard_negatives(image_feat, text_feat, pid, tau, generator, uniform=False):
@@ -109,12 +134,14 @@ def sample_hard_negatives(image_feat, text_feat, pid, tau, generator, uniform=Fa
     | ĩ_b    | returned neg_image_idx | (B,) long |
     | t̃_b    | returned neg_text_idx  | (B,) long |
 
-    Local batch only (no gather), no gradient, no host sync. `generator` must live on the device of
-    the features. Edge case (spec §2.3, a crash in the official code): when the whole batch is a
-    single identity every weight row is zero. Our documented fallback, decided on the device
-    without a sync: only the diagonal is masked, as in X-VLM's pid-less mining, so each negative is
-    another sample of the same person (a false negative, but the step runs). B = 1 has no negative
-    at all and raises ValueError.
+    `generator`: a torch.Generator on the device of the features, or its draws made beforehand,
+    categorical_noise((2, B, B), generator) (row 0 for the images, row 1 for the texts), so that the
+    sampling runs inside a compiled graph. Each draw is `sample_categorical` (same distribution as the
+    official torch.multinomial). Local batch only (no gather), no gradient, no host sync, fixed shapes.
+    Edge case (spec §2.3, a crash in the official code): when the whole batch is a single identity
+    every weight row is zero. Our documented fallback, decided on the device without a sync: only the
+    diagonal is masked, as in X-VLM's pid-less mining, so each negative is another sample of the same
+    person (a false negative, but the step runs). B = 1 has no negative at all and raises ValueError.
 
     uniform=True (our departure, for training from scratch): every other identity is equally likely,
     w_bc = 1. Measured on the tiny preset: with similarity-weighted negatives from the first step the
@@ -135,8 +162,10 @@ def sample_hard_negatives(image_feat, text_feat, pid, tau, generator, uniform=Fa
     masked = same_pid & ~(same_pid.all() & off_diagonal)  # (B, B) single-identity fallback: diagonal only
     w_i2t = w_i2t.masked_fill(masked, 0.0)
     w_t2i = w_t2i.masked_fill(masked, 0.0)
-    neg_image_idx = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)  # (B,)
-    neg_text_idx = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)  # (B,)
+    noise = categorical_noise((2, batch_size, batch_size), generator) if isinstance(generator, torch.Generator) \
+        else generator  # (2, B, B)
+    neg_image_idx = sample_categorical(w_t2i, noise[0])  # (B,)
+    neg_text_idx = sample_categorical(w_i2t, noise[1])  # (B,)
     return neg_image_idx, neg_text_idx
 
 
@@ -272,26 +301,32 @@ def iam_loss(logits, targets, label_smoothing=0.0, num_prompts=IAM_NUM_PROMPTS):
 
 
 def sample_mam_images(prompt_targets, generator):
-    """The conditioning image of each prompt for MAM (spec §2.7).
+    """The conditioning image of each prompt for MAM (spec §2.7), at a fixed shape.
 
     For every prompt t with at least one true image (m_bt = 1; −1 counts as false), one of those
-    images uniformly at random; prompts without a true image are dropped. Vectorised: each (b, t)
-    gets a uniform score in [0, 1), false pairs get −1, and the argmax over b is the chosen image.
+    images uniformly at random. Vectorised: each (b, t) gets a uniform score in [0, 1), false pairs
+    get −1, and the argmax over b is the chosen image. The spec drops prompts without a true image;
+    here every prompt keeps its row and `has_true` says which rows count (the caller gives the others
+    zero weight, `mam_targets`), so no shape depends on the data and nothing waits for the device.
 
     | symbol | argument       | shape  |
     |--------|----------------|--------|
     | m_bt   | prompt_targets | (B, P) |
-    | —      | returned prompt_idx | (R,) long, increasing |
-    | —      | returned image_idx  | (R,) long |
+    | —      | returned image_idx | (P,) long; for a prompt without a true image an arbitrary image |
+    | —      | returned has_true  | (P,) bool |
 
-    `generator` must live on the device of `prompt_targets`. Dropping prompts makes R depend on the
-    data, so `nonzero` costs one host sync here (the only one among the samplers).
+    `generator` must live on the device of `prompt_targets`.
     """
     is_true = prompt_targets == 1  # (B, P)
     score = torch.rand(is_true.shape, generator=generator, device=prompt_targets.device)  # (B, P)
     image_idx = score.masked_fill(~is_true, -1.0).argmax(dim=0)  # (P,)
-    prompt_idx = torch.nonzero(is_true.any(dim=0)).squeeze(1)  # (R,)
-    return prompt_idx, image_idx[prompt_idx]
+    return image_idx, is_true.any(dim=0)
+
+
+def mam_targets(prompt_masked_labels, has_true):
+    """MAM targets at a fixed shape (spec §2.7): the rows of prompts without a true image are ignored
+    (−100 everywhere), which gives the same L_mam as dropping them. (P, M), (P,) -> (P, M)."""
+    return prompt_masked_labels.masked_fill(~has_true[:, None], MLM_IGNORE_INDEX)  # (P, M)
 
 
 def mam_loss(logits, labels):
@@ -304,7 +339,9 @@ def mam_loss(logits, labels):
     | log p_θ(·) | logits   | (R, M, V) | MLM head on masked prompt r with its image    |
     | x_rp       | labels   | (R, M)    | original prompt ids; −100 = padding, ignored  |
 
-    No label smoothing (spec §2.8). 0 when there is nothing to predict (the official code crashes).
+    The training code passes all R = P prompts, those without a true image with every label −100
+    (`mam_targets`). No label smoothing (spec §2.8). 0 when there is nothing to predict (the official
+    code crashes).
     """
     return mlm_loss(logits, labels)
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import (
@@ -129,16 +130,21 @@ def shifted_window_mask(H, W, window, shift):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample, rescale survivors."""
+    """Stochastic depth: drop the whole residual branch per sample, rescale survivors.
+
+    The rate p is a 0-dim buffer, not a Python float: torch.compile guards on Python numbers, so 24 blocks
+    with 24 different rates would compile SwinBlock.forward 24 times; as a tensor they share one graph.
+    """
 
     def __init__(self, p):
         super().__init__()
-        self.p = p
+        self.register_buffer("p", torch.tensor(float(p)), persistent=False)
+        self.drops = p > 0  # a rate of 0 is the identity; no random draw
 
     def forward(self, x):
-        if self.p == 0.0 or not self.training:
+        if not self.drops or not self.training:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)  # (B, 1, ...)
         return x * keep / (1.0 - self.p)
 
 
@@ -236,15 +242,24 @@ class PatchEmbed(nn.Module):
         return self.norm(self.proj(images).flatten(2).transpose(1, 2))  # (B, H*W, C)
 
 
+def run_layer(layer, checkpointing, *args):
+    """layer(*args); with activation checkpointing on (and gradients wanted) its activations are not kept but
+    recomputed in the backward, with the same random state (dropout, drop-path), so the gradients are the
+    same. Trades ~1/3 more compute for memory (our choice, off by default; APTM.checkpointing)."""
+    if checkpointing and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
+
 class SwinStage(nn.Module):
     def __init__(self, blocks, downsample):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.downsample = downsample
 
-    def forward(self, x):
+    def forward(self, x, checkpointing=False):
         for block in self.blocks:
-            x = block(x)
+            x = run_layer(block, checkpointing, x)
         return x if self.downsample is None else self.downsample(x)
 
 
@@ -287,11 +302,11 @@ class SwinTransformer(nn.Module):
         self.norm = nn.LayerNorm(config.vision_width)
         self.apply(lambda module: init_swin(module, config.init_std))
 
-    def forward(self, images):
+    def forward(self, images, checkpointing=False):
         """images (B, 3, H, W) -> image_embeds (B, 1 + patches, Dv); token 0 = mean of the normed tokens."""
         x = self.patch_embed(images)  # (B, H/4*W/4, C)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, checkpointing)
         x = self.norm(x)  # (B, patches, Dv)
         return torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, N, Dv) (spec §1.2, §11)
 
@@ -401,6 +416,11 @@ class TextEncoder(nn.Module):
         self.cls.predictions.decoder.bias = self.cls.predictions.bias
 
 
+def take_kv(image_kv, index):
+    """Rows `index` (R,) of every fusion layer's cached (key, value) from APTM.cross_kv: the pairs' images."""
+    return [(k[index], v[index]) for k, v in image_kv]
+
+
 def key_padding_mask(attention_mask):
     """(B, L) 1 = token, 0 = pad -> (B, 1, 1, L) bool, True = may attend (same as -10000 on pads, spec §11)."""
     return attention_mask.bool()[:, None, None, :]
@@ -421,6 +441,9 @@ class APTM(nn.Module):
         self.text_proj = nn.Linear(Dt, config.embed_dim)
         self.itm_head = nn.Sequential(nn.Linear(Dt, 2 * Dt), nn.LayerNorm(2 * Dt), nn.GELU(), nn.Linear(2 * Dt, 2))
         self.temp = nn.Parameter(torch.tensor(config.temp))  # τ, 0-dim, no clamp (spec §1.5)
+        # activation checkpointing of every Swin block and text/fusion layer (run_layer); a run setting, not
+        # part of the architecture, so not in APTMConfig
+        self.checkpointing = False
         # the encoders initialise themselves (init_swin, init_bert); vision_proj, text_proj and
         # itm_head keep PyTorch's default init (spec §1.5)
 
@@ -434,21 +457,21 @@ class APTM(nn.Module):
 
     def encode_image(self, images):
         """images (B, 3, H, W) -> image_embeds (B, N, Dv) (spec §1.2)."""
-        return self.vision_encoder(images)
+        return self.vision_encoder(images, self.checkpointing)
 
     def encode_text(self, input_ids, attention_mask):
         """'text' mode: embeddings + text layers. (B, L), (B, L) -> text_embeds (B, L, Dt) (spec §1.3)."""
         mask = key_padding_mask(attention_mask)  # (B, 1, 1, L)
         hidden_states = self.text_encoder.bert.embeddings(input_ids=input_ids)  # (B, L, Dt)
         for layer in self.text_layers:
-            hidden_states = layer(hidden_states, mask)
+            hidden_states = run_layer(layer, self.checkpointing, hidden_states, mask)
         return hidden_states
 
     def cross_kv(self, image_embeds):
         """image_embeds (B, N, Dv) -> per fusion layer (key, value), each (B, nH, N, Dt/nH).
 
-        Lets evaluation project each gallery image once and reuse it for many texts: index the batch
-        axis, e.g. [(k[idx], v[idx]) for k, v in kv], and pass it to encode_cross(image_kv=...).
+        Lets evaluation and training project each image once and reuse it for many texts: index the
+        batch axis with take_kv(kv, idx) and pass it to encode_cross / itm_logits / mlm_logits(image_kv=...).
         """
         return [layer.crossattention.self.key_value(image_embeds) for layer in self.fusion_layers]
 
@@ -460,7 +483,7 @@ class APTM(nn.Module):
         mask = key_padding_mask(text_atts)  # (B, 1, 1, L)
         hidden_states = text_embeds
         for layer, kv in zip(self.fusion_layers, image_kv):
-            hidden_states = layer(hidden_states, mask, kv)
+            hidden_states = run_layer(layer, self.checkpointing, hidden_states, mask, kv)
         return hidden_states
 
     def itm_logits(self, text_embeds, text_atts, image_embeds=None, image_kv=None):
@@ -529,17 +552,20 @@ def optimizer_groups(model, weight_decay=0.01, lr=1e-4, lr_mult=2.0, double_lr="
     return groups
 
 
-def amp_dtype(device):
-    """The autocast dtype on `device`: bf16 on CUDA (fp16 where bf16 is missing); None (fp32) elsewhere."""
-    if torch.device(device).type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def amp_dtype(device, dtype="auto"):
+    """The autocast dtype, None for fp32. dtype "auto": bf16 on CUDA (fp16 where bf16 is missing), None (fp32)
+    elsewhere; or a torch dtype name ("float32" for parity with published numbers: the official evaluation is fp32)."""
+    if dtype == "auto":
+        if torch.device(device).type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None if dtype == "float32" else getattr(torch, dtype)
 
 
-def autocast_for(device):
-    """Autocast at amp_dtype(device), or no autocast where that is fp32."""
-    dtype = amp_dtype(device)
-    return torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
+def autocast_for(device, dtype="auto"):
+    """Autocast at amp_dtype(device, dtype), or no autocast where that is fp32."""
+    amp = amp_dtype(device, dtype)
+    return torch.autocast(torch.device(device).type, dtype=amp) if amp is not None else nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------

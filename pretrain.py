@@ -26,13 +26,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from attributes import MALS_PROMPTS, PromptStream
-from data import (NORMALIZATION, PretrainDataset, Tokenizer, fail, load_retrieval, read_checkpoint, read_mals,
-                  train_transform)
+from attributes import MALS_PROMPTS, PromptStream, attribute_draws
+from data import (NORMALIZATION, PretrainDataset, PromptMasking, Tokenizer, device_images, fail, load_retrieval,
+                  read_checkpoint, read_mals, train_transform)
 from evaluate import evaluate_retrieval
-from losses import APL_WEIGHT, itc_loss, itm_loss, mlm_loss, pretrain_objective, sample_hard_negatives
+from losses import (APL_WEIGHT, categorical_noise, itc_loss, itm_loss, mlm_loss, pretrain_objective,
+                    sample_hard_negatives)
 from model import (ADAMW_BETAS, ADAMW_EPS, APTM, CONFIGS, amp_dtype, config_for_bert, load_bert, load_swin,
-                   optimizer_groups)
+                   optimizer_groups, take_kv)
 from synthetic import synthetic_world
 
 # Data-loader processes: on a GPU machine they decode, augment and mask while the GPU computes; on a CPU they
@@ -94,6 +95,8 @@ def get_args(argv=None):
                         help="auto: bf16 autocast where the GPU supports it, else fp16 + GradScaler; fp32 on CPU")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                         help="data-loader processes (decode, augment, mask); 0 on a CPU (see DEFAULT_WORKERS)")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every Swin block "
+                        "and text/fusion layer: same gradients, less memory, ~1/3 more compute (our choice; off)")
     parser.add_argument("--seed", type=int, default=42, help="official: 42 + rank")
     parser.add_argument("--log-every", type=int, default=20, help="steps between log lines")
     parser.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests); the schedule keeps "
@@ -218,6 +221,67 @@ class EpochBatches(torch.utils.data.Sampler):
         return len(self.batches)
 
 
+class RunBatches(torch.utils.data.Sampler):
+    """The batch sampler of a DataLoader built once per run, so that its worker processes live through every
+    epoch (persistent_workers) instead of starting again each epoch. set(epoch, start) before each epoch; it then
+    yields that epoch's EpochBatches with every index as (epoch, index): set_epoch on the training process's
+    dataset never reaches the workers' copies, so the epoch travels with the indices (_SampleRandom.__getitems__)."""
+
+    def __init__(self, num_samples, batch_size, seed, rank=0, world_size=1):
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.set(0)
+
+    def set(self, epoch, start=0):
+        self.epoch = epoch
+        self.batches = EpochBatches(self.num_samples, self.batch_size, self.seed, epoch, self.rank, self.world_size,
+                                    start)
+
+    def __iter__(self):
+        return ([(self.epoch, index) for index in batch] for batch in self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+PREFETCH_BATCHES = 4  # batches each worker keeps ready (DataLoader prefetch_factor; PyTorch's default 2; our choice)
+
+
+def run_loader(dataset, batch_size, seed, rank, world_size, workers, device):
+    """(loader, sampler) for the whole run: persistent workers that prefetch, pinned memory on a GPU. Call
+    sampler.set(epoch, start) before iterating the loader for an epoch."""
+    sampler = RunBatches(len(dataset), batch_size, seed, rank, world_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                         prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
+                                         generator=torch.Generator())
+    return loader, sampler
+
+
+class NonFiniteWatch:
+    """The stop on a non-finite loss (STYLE.md) without a host sync every step: update() remembers, on the
+    device, the first step whose total is not finite and that step's terms; check(), at log steps and before a
+    checkpoint, reads them back and stops the run naming them. A bad step is therefore reported up to
+    --log-every steps later, and no checkpoint is written after it."""
+
+    def __init__(self, device):
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.values, self.names = None, None
+
+    def update(self, step, terms):
+        values = torch.stack([value.detach().float() for value in terms.values()])  # (T,)
+        first = (self.step < 0) & ~torch.isfinite(terms["total"].detach())  # ()
+        self.step = torch.where(first, step, self.step)
+        self.values = values if self.values is None else torch.where(first, values, self.values)
+        self.names = list(terms)
+
+    def check(self):
+        step = int(self.step)  # the one read-back
+        if step >= 0:
+            values = {name: round(value, 4) for name, value in zip(self.names, self.values.tolist())}
+            fail(f"non-finite loss at step {step}: {values} (lower --lr, or try --dtype float32)")
+
+
 def schedule_steps(num_samples, batch_size, world_size, epochs):
     """(steps per epoch, T). Each epoch runs ⌊N/(B·W)⌋ steps: the loader drops the last incomplete batch, as the
     official loader does (drop_last), so that every batch is whole on every rank (ITC gathers equal shares and ITM
@@ -232,8 +296,9 @@ def schedule_steps(num_samples, batch_size, world_size, epochs):
 def make_optimizer(model, lr, weight_decay, double_lr):
     """AdamW over the four groups of spec §5.1 (double_lr names the parameters trained at 2x lr: "cross" in
     pre-training, "finetune" in fine-tuning). Each group keeps its base lr, which get_lr(step) multiplies."""
+    fused = next(model.parameters()).device.type == "cuda"  # one kernel for all parameters; foreach elsewhere
     optimizer = torch.optim.AdamW(optimizer_groups(model, weight_decay, lr, double_lr=double_lr), lr=lr,
-                                  betas=ADAMW_BETAS, eps=ADAMW_EPS)
+                                  betas=ADAMW_BETAS, eps=ADAMW_EPS, fused=fused or None)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
     return optimizer
@@ -299,20 +364,23 @@ def restore(checkpoint, optimizer, scaler, generator, rank):
 # The objective: E9 on one batch
 
 
-def retrieval_losses(model, image_embeds, image_feat, input_ids, attention_mask, pid, generator, uniform=False):
+def retrieval_losses(model, image_kv, image_feat, input_ids, attention_mask, pid, negatives, uniform=False):
     """ITC (E1, over the batch gathered from all processes) and ITM with in-batch hard negatives (E2), or uniform
-    ones, for one batch of captions. Returns (itc, itm). finetune.py calls it for the caption and its EDA copy."""
+    ones, for one batch of captions. image_kv: model.cross_kv of the batch's images (each image's keys/values
+    projected once, then indexed for its pairs); negatives: the (2, B, B) categorical_noise of the draws (or a
+    torch.Generator). Returns (itc, itm). finetune.py calls it for the caption and its EDA copy."""
     text_embeds = model.encode_text(input_ids, attention_mask)                        # (B, L, Dt)
     text_feat = model.text_feat(text_embeds)                                          # (B, D)
     loss_itc = itc_loss(gather(image_feat), gather(text_feat), gather(pid), model.temp)
     # Hard negatives are drawn within the local batch (spec §2.3): for each text an image, for each image a text.
-    neg_image, neg_text = sample_hard_negatives(image_feat, text_feat, pid, model.temp, generator, uniform)  # (B,)
+    neg_image, neg_text = sample_hard_negatives(image_feat, text_feat, pid, model.temp, negatives, uniform)  # (B,)
     # 3B pairs: (I_b, T_b) label 1, (Ĩ_b, T_b) label 0, (I_b, T̃_b) label 0.
     pair_text = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]])          # (3B, L, Dt)
     pair_atts = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])  # (3B, L)
-    pair_image = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])     # (3B, N, Dv)
+    own = torch.arange(pid.shape[0], device=pid.device)                               # (B,)
+    pair_image = torch.cat([own, neg_image, own])                                     # (3B,)
     labels = torch.cat([torch.ones_like(pid), torch.zeros_like(pid), torch.zeros_like(pid)])  # (3B,)
-    loss_itm = itm_loss(model.itm_logits(pair_text, pair_atts, pair_image), labels)
+    loss_itm = itm_loss(model.itm_logits(pair_text, pair_atts, image_kv=take_kv(image_kv, pair_image)), labels)
     return loss_itc, loss_itm
 
 
@@ -327,18 +395,30 @@ class PretrainObjective(torch.nn.Module):
 
     def forward(self, batch, generator, progress):
         """batch from PretrainDataset; progress = step / T in [0, 1) -> dict of named loss terms with "total"."""
+        return self.losses(batch, *self.draw(batch, generator, progress))
+
+    def draw(self, batch, generator, progress):
+        """The step's random numbers and choices -> the arguments of `losses` after the batch. Drawn first, in
+        eager mode (torch.compile cannot trace an op that takes a Generator), so that `losses` compiles whole."""
+        batch_size = batch["pid"].shape[0]
+        draws = dict(negatives=categorical_noise((2, batch_size, batch_size), generator),
+                     attributes=attribute_draws(batch["attr_label"], generator))
+        return draws, progress < self.uniform_negatives
+
+    def losses(self, batch, draws, uniform):
         model = self.model
-        image_embeds = model.encode_image(batch["image"])                             # (B, N, Dv)
+        images = device_images(batch["image"], batch["erase"], batch["norm"])         # (B, 3, H, W)
+        image_embeds = model.encode_image(images)                                     # (B, N, Dv)
         image_feat = model.image_feat(image_embeds)                                   # (B, D)
-        loss_itc, loss_itm = retrieval_losses(model, image_embeds, image_feat, batch["input_ids"],
-                                              batch["attention_mask"], batch["pid"], generator,
-                                              uniform=progress < self.uniform_negatives)
+        image_kv = model.cross_kv(image_embeds)       # each image's cross-attention keys/values, projected once
+        loss_itc, loss_itm = retrieval_losses(model, image_kv, image_feat, batch["input_ids"],
+                                              batch["attention_mask"], batch["pid"], draws["negatives"], uniform)
         # MLM on the caption, conditioned on the image (E3); the masks were drawn in the data-loader workers.
-        mlm_logits = model.mlm_logits(batch["masked_ids"], batch["attention_mask"], image_embeds,
-                                      batch["masked_pos"])                            # (B, M, V)
+        mlm_logits = model.mlm_logits(batch["masked_ids"], batch["attention_mask"], None, batch["masked_pos"],
+                                      image_kv=image_kv)                              # (B, M, V)
         loss_mlm = mlm_loss(mlm_logits, batch["masked_labels"])
         # The attribute-prompt stream: IAC, IAM, MAM (E4-E6) over the MALS prompts.
-        attr = self.prompts(model, image_embeds, image_feat, batch["attr_label"], generator)
+        attr = self.prompts(model, image_embeds, image_feat, batch, draws["attributes"], image_kv)
         return pretrain_objective(loss_itc, loss_itm, loss_mlm, attr["iac"], attr["iam"], attr["mam"], self.beta)
 
 
@@ -376,9 +456,11 @@ def main(argv=None):
     if resume is not None:
         model.load_state_dict(resume["model"])
     model = model.to(device)
+    model.checkpointing = args.checkpointing  # activations recomputed in the backward
     config = model.config
     dataset = PretrainDataset(entries, train_transform(config.image_size, NORMALIZATION["mals"], args.erasing_p),
-                              tokenizer, config.max_tokens, seed=args.seed)
+                              tokenizer, config.max_tokens, seed=args.seed,
+                              prompt_masking=PromptMasking(tokenizer, MALS_PROMPTS, config.max_tokens))
     objective = PretrainObjective(model, tokenizer, MALS_PROMPTS, args.beta, args.label_smoothing,
                                   config.max_tokens, args.uniform_negatives).to(device)
     # zero-shot retrieval on a validation split, monitored each epoch (the official run watches CUHK test, §5.3)
@@ -403,14 +485,14 @@ def main(argv=None):
               f"({dtype}), {len(dataset):,} samples, {per_epoch} steps/epoch x {args.epochs} epochs")
     t0 = t_log = time.time()
     pairs_since_log = 0
+    # one loader for the whole run: its workers persist across epochs and prefetch (run_loader)
+    loader, sampler = run_loader(dataset, args.batch_size, args.seed, rank, world_size, args.workers, device)
+    watch = NonFiniteWatch(device)
     while step < last_step:
         # one epoch's batches, from where a resumed run stopped; each sample's augmentation is seeded by
         # (seed, epoch, index), so it is the same with any number of workers
         epoch, start = divmod(step, per_epoch)
-        dataset.set_epoch(epoch)
-        sampler = EpochBatches(len(dataset), args.batch_size, args.seed, epoch, rank, world_size, start)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                                             pin_memory=device.type == "cuda", generator=torch.Generator())
+        sampler.set(epoch, start)
         model.train()
         for batch in tqdm(loader, total=len(sampler), desc=f"epoch {epoch}", disable=not master, leave=False,
                           dynamic_ncols=True):
@@ -423,9 +505,8 @@ def main(argv=None):
             # forward under autocast: every loss term of E9
             with ctx:
                 terms = wrapped(batch, generator, step / total_steps)
-            if not torch.isfinite(terms["total"]):
-                values = {k: round(v.item(), 4) for k, v in terms.items()}
-                fail(f"non-finite loss at step {step}: {values} (lower --lr, or try --dtype float32)")
+            # a non-finite loss is noted on the device and read back at log steps (no host sync per step)
+            watch.update(step, terms)
             # backward through the scaler (a no-op unless fp16), unscale, clip, step
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms["total"]).backward()
@@ -438,6 +519,8 @@ def main(argv=None):
             # ---------------- TRAINING STEP END ----------------
             # log: every term, the lr and the throughput, on screen and in log.jsonl
             pairs_since_log += len(batch["image"]) * world_size
+            if step % args.log_every == 0 or step == last_step:
+                watch.check()  # every rank: stop, naming the first step with a non-finite loss and its terms
             if master and (step % args.log_every == 0 or step == last_step):
                 record = dict(step=step, epoch=epoch, lr=args.lr * lr_factor,
                               **{k: round(v.item(), 4) for k, v in terms.items()},
@@ -449,6 +532,7 @@ def main(argv=None):
             if step == last_step:
                 break
         # evaluate: zero-shot retrieval on the validation split after each whole epoch; the best R1 is kept
+        watch.check()  # no evaluation or checkpoint of weights that a non-finite loss has reached
         epoch_done, is_best = step % per_epoch == 0, False
         if epoch_done and master and valset is not None:
             metrics = evaluate_retrieval(model, tokenizer, valset, device, k_rerank=args.k_rerank,

@@ -825,9 +825,9 @@ def test_mam_picks_only_true_images():
                       [-1, -1, -1, 0]])  # prompts 2 and 3 have no true image
     seen = set()
     for seed in range(40):
-        prompt_idx, image_idx = losses.sample_mam_images(m, torch.Generator().manual_seed(seed))
-        assert prompt_idx.tolist() == [0, 1]
-        assert (m[image_idx, prompt_idx] == 1).all()
+        image_idx, has_true = losses.sample_mam_images(m, torch.Generator().manual_seed(seed))
+        assert has_true.tolist() == [True, True, False, False] and image_idx.shape == (4,)
+        assert (m[image_idx[:2], torch.arange(2)] == 1).all()
         seen.add(int(image_idx[0]))
     assert seen == {0, 2}  # both true images of prompt 0 get drawn
     a = losses.sample_mam_images(m, torch.Generator().manual_seed(7))
@@ -993,7 +993,9 @@ def test_attribute_losses_match_official_loops():
     for t in losses.sample_iam_prompts(P, generator).tolist():
         logits = model.itm_logits(prompt_embeds[t].repeat(B, 1, 1), batch["prompt_atts"][t].repeat(B, 1), image_embeds)
         iam = iam + losses.smoothed_cross_entropy(logits, m[:, t], 0.4)
-    prompt_idx, image_idx = losses.sample_mam_images(m, generator)
+    image_idx, has_true = losses.sample_mam_images(m, generator)  # the official code keeps only the prompts
+    prompt_idx = has_true.nonzero().squeeze(1)  # with a true image (R,)
+    image_idx = image_idx[prompt_idx]
     assert (m[image_idx, prompt_idx] == 1).all()
     mam_logits = model.mlm_logits(batch["prompt_masked_ids"][prompt_idx], batch["prompt_atts"][prompt_idx],
                                   image_embeds[image_idx], batch["prompt_masked_pos"][prompt_idx])
@@ -1864,6 +1866,48 @@ def test_main_missing_files_exit_2(world_and_ckpt, tmp_path, capsys):
     assert "--bert" in capsys.readouterr().err
 
 
+# -----------------------------------------------------------------------------
+# The attribute oracle (a no-learning reference, ours)
+
+def test_attribute_oracle_scores_match_naive_loop():
+    """agree − contradict per (query, gallery image), the identity's labels being the union of its captions'."""
+    testset = data.TestSet(image_paths=["a", "b", "c"], g_pids=[7, 8, 7],
+                           captions=["q0", "q1", "q2"], q_pids=[7, 8, 8])
+    table = {"q0": [1, 0, -1], "q1": [1, 1, -1], "q2": [-1, 0, 0]}
+    scores = evaluate.attribute_oracle_scores(testset, label_fn=table.get)
+    stated = {pid: set() for pid in (7, 8)}  # (attribute, value) pairs any caption of the identity states
+    for caption, pid in zip(testset.captions, testset.q_pids):
+        stated[pid] |= {(k, v) for k, v in enumerate(table[caption]) if v != -1}
+    for q, caption in enumerate(testset.captions):
+        for g, pid in enumerate(testset.g_pids):
+            expected = 0
+            for k, v in enumerate(table[caption]):
+                if v != -1:
+                    expected += ((k, v) in stated[pid]) - ((k, 1 - v) in stated[pid])
+            assert scores[q, g].item() == expected
+    # identity 8 says attribute 1 is both 1 and 0: q0 (value 0) agrees once and contradicts once there
+    assert scores[0, 1].item() == 1 + 0 - 0 + 0
+
+
+def test_attribute_oracle_ties_count_at_their_expected_value():
+    """Every image tied: R1 is the share of right images, whatever the tie orders drawn."""
+    testset = data.TestSet(image_paths=["a", "b", "c", "d"], g_pids=[1, 2, 3, 4], captions=["x"], q_pids=[1])
+    metrics = evaluate.attribute_oracle(testset, label_fn=lambda caption: [-1, -1], tie_orders=400)
+    assert metrics["R1"] == pytest.approx(25.0, abs=5.0)
+
+
+def test_main_oracle_needs_no_checkpoint(world_and_ckpt, capsys):
+    result = evaluate.main(["--oracle", "--dataset", "cuhk", "--data-root", world_and_ckpt["cuhk"]])
+    assert result["fusion"] == "oracle" and 0 <= result["R1"] <= 100
+    assert "oracle" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--oracle", "--ckpt", world_and_ckpt["ckpt"]])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([])
+    assert exit_info.value.code == 2
+
+
 # =====================================================================================================================
 # pretrain.py, finetune.py, attributes.py (training, resume, DDP, the whole chain)
 # =====================================================================================================================
@@ -2038,7 +2082,8 @@ def test_torchrun_two_processes_pretrain(world, tmp_path):
 
 def test_smoke_run_gives_finite_numbers(tmp_path):
     out = tmp_path / "bench.json"
-    argv = ["--smoke", "--modes", "fp32", "--steps", "1", "--warmup", "0", "--json", str(out)]
+    argv = ["--smoke", "--modes", "fp32", "--steps", "1", "--warmup", "0", "--json", str(out), "--no-checks",
+            "--pipeline-workers", "0", "--pipeline-batches", "1"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny model gains nothing from more; on a busy CPU OpenMP spin-waits cost ~4x
     try:
@@ -2068,6 +2113,268 @@ def test_flop_counter_by_hand():
     assert round(bench.text_macs(base, 56) / 1e9, 1) == 2.4
     assert round(bench.cross_macs(base, 56) / 1e9, 1) == 3.3
     assert bench.image_tokens(base) == 49
+
+
+# =====================================================================================================================
+# issue 15: sync-free step
+# =====================================================================================================================
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny model gains nothing from more threads; on a busy CPU OpenMP spin-waits cost ~50x (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_step(objective_name, batch_size=6, config=None):
+    """(model, objective, batch, generator) for one tiny-preset step on bench's random batch."""
+    tokenizer = bench.bench_tokenizer(bench.TINY_VOCAB_SIZE)
+    config = config or replace(CONFIGS["tiny"], vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(0)
+    model = APTM(config).train()
+    objective = bench.build_objective(objective_name, model, tokenizer, torch.device("cpu"))
+    batch = bench.random_batch(objective_name, config, tokenizer, batch_size, torch.device("cpu"), seed=0)
+    return model, objective, batch, torch.Generator().manual_seed(0)
+
+
+def test_sync_counter_sees_sync_ops_forward_and_backward():
+    """The counter is not vacuous: multinomial, nonzero, boolean-mask indexing and .item() are counted."""
+    x = torch.rand(4, 3, requires_grad=True)
+    with bench.SyncCounter() as syncs:
+        torch.multinomial(x.detach(), 1)
+        (x > 0.5).nonzero()
+        y = x[x.detach() > 0.5].sum() + x.sum()
+        y.item()
+        before = syncs.ops
+        y.backward()
+    assert syncs.ops > before  # the backward runs under the mode too
+    assert {"multinomial", "nonzero", "index", "_local_scalar_dense"} <= set(syncs.counts)
+
+
+@pytest.mark.parametrize("objective_name", ["pretrain", "finetune"])
+def test_training_step_has_no_sync_forcing_op(objective_name, one_thread):
+    """Draws, forward, losses and backward of one tiny step: 0 ops that would make the host wait for a GPU."""
+    model, objective, batch, generator = tiny_step(objective_name)
+    assert bench.count_step_syncs(objective, batch, generator) == {}
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("objective_name", ["pretrain", "finetune"])
+def test_objective_losses_compile_as_one_graph(objective_name, one_thread):
+    """torch.compile(objective.losses, fullgraph=True) (eager backend: dynamo's tracing) succeeds."""
+    _, objective, batch, generator = tiny_step(objective_name)
+    compiled, detail = bench.compile_check(objective, batch, generator)
+    assert compiled, detail
+
+
+def test_categorical_sampler_draws_the_exact_distribution():
+    """Exponential race vs the exact probabilities w / Σw: a chi-square statistic over 20,000 seeded draws per row
+    stays below the 0.9999 quantile (so the test is not flaky), and zero weights are never drawn."""
+    weights = torch.tensor([[0.5, 0.0, 0.25, 0.125, 0.125, 0.0],
+                            [1e-5, 1e-5, 0.9, 0.1, 0.0, 1e-5],
+                            [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    draws = 20000
+    noise = losses.categorical_noise((draws, *weights.shape), torch.Generator().manual_seed(0))  # (N, R, C)
+    picks = losses.sample_categorical(weights.expand(draws, -1, -1), noise)  # (N, R)
+    counts = F.one_hot(picks, weights.shape[1]).sum(0).double()  # (R, C)
+    expected = draws * weights.double() / weights.double().sum(1, keepdim=True)
+    assert (counts[weights == 0] == 0).all()
+    chi2_9999 = {2: 18.42, 3: 21.11, 5: 25.74}  # quantiles of the chi-square distribution, df = nonzero classes - 1
+    for row in range(weights.shape[0]):
+        seen = weights[row] > 0
+        big = expected[row] >= 5  # pool the rare classes (expected < 5) into one cell, as the test requires
+        observed = torch.cat([counts[row][big & seen], counts[row][~big & seen].sum()[None]])
+        wanted = torch.cat([expected[row][big & seen], expected[row][~big & seen].sum()[None]])
+        keep = wanted > 0
+        chi2 = ((observed[keep] - wanted[keep]) ** 2 / wanted[keep]).sum()
+        assert chi2 < chi2_9999[int(keep.sum()) - 1], (row, float(chi2))
+
+
+def test_hard_negatives_from_predrawn_noise_equal_the_generator_path():
+    """sample_hard_negatives with a Generator = with categorical_noise drawn from the same generator first."""
+    feat_i, feat_t, pid = torch.randn(5, 4), torch.randn(5, 4), torch.tensor([0, 0, 1, 2, 3])
+    a = losses.sample_hard_negatives(feat_i, feat_t, pid, 0.07, torch.Generator().manual_seed(4))
+    noise = losses.categorical_noise((2, 5, 5), torch.Generator().manual_seed(4))
+    b = losses.sample_hard_negatives(feat_i, feat_t, pid, 0.07, noise)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def previous_pretrain_terms(model, objective, batch, draws, uniform):
+    """The pre-training objective as the code computed it before issue 15: every pair projects its image's
+    cross-attention keys/values itself, MAM runs only the prompts with a true image (nonzero), IAM one
+    cross-encoder call per prompt; random choices taken from `draws`."""
+    images = data.device_images(batch["image"], batch["erase"], batch["norm"])
+    image_embeds = model.encode_image(images)
+    image_feat = model.image_feat(image_embeds)
+    ids, atts, pid = batch["input_ids"], batch["attention_mask"], batch["pid"]
+    text_embeds = model.encode_text(ids, atts)
+    itc = losses.itc_loss(image_feat, model.text_feat(text_embeds), pid, model.temp)
+    neg_image, neg_text = losses.sample_hard_negatives(image_feat, model.text_feat(text_embeds), pid, model.temp,
+                                                       draws["negatives"], uniform)
+    logits = model.itm_logits(torch.cat([text_embeds, text_embeds, text_embeds[neg_text]]),
+                              torch.cat([atts, atts, atts[neg_text]]),
+                              torch.cat([image_embeds, image_embeds[neg_image], image_embeds]))
+    itm = losses.itm_loss(logits, torch.cat([torch.ones_like(pid), torch.zeros_like(pid), torch.zeros_like(pid)]))
+    mlm = losses.mlm_loss(model.mlm_logits(batch["masked_ids"], atts, image_embeds, batch["masked_pos"]),
+                          batch["masked_labels"])
+    stream = objective.prompts
+    P, eps = stream.prompt_ids.shape[0], stream.label_smoothing
+    masked_ids, masked_pos, masked_labels = (data.join_prompt_rows(batch[k], P) for k in data.PROMPT_MASK_KEYS)
+    prompt_embeds = model.encode_text(stream.prompt_ids, stream.prompt_atts)
+    iac = losses.iac_loss(image_feat, model.text_feat(prompt_embeds), batch["attr_label"], model.temp, eps)
+    chosen, image_idx, has_true = draws["attributes"]
+    m = attributes.prompt_targets(batch["attr_label"])
+    B = pid.shape[0]
+    iam = sum(losses.smoothed_cross_entropy(model.itm_logits(prompt_embeds[t].repeat(B, 1, 1),
+                                                             stream.prompt_atts[t].repeat(B, 1), image_embeds),
+                                            m[:, t], eps) for t in chosen.tolist()) / len(chosen)
+    kept = has_true.nonzero().squeeze(1)
+    mam = losses.mam_loss(model.mlm_logits(masked_ids[kept], stream.prompt_atts[kept], image_embeds[image_idx[kept]],
+                                           masked_pos[kept]), masked_labels[kept])
+    return losses.pretrain_objective(itc, itm, mlm, iac, iam, mam, objective.beta)
+
+
+def test_pretrain_losses_and_gradients_equal_the_previous_computation(one_thread):
+    """K/V projected once per image, MAM at a fixed shape, images normalised on the device: every term and every
+    gradient equal the previous code's on a fixed batch and fixed draws (≤ 1e-5)."""
+    model, objective, batch, generator = tiny_step("pretrain", batch_size=6)
+    objective.prompts.label_smoothing = 0.4
+    batch["attr_label"][:, 0] = -1  # prompts 0 and 1 have no true image: MAM keeps them at weight zero
+    draws = objective.draw(batch, generator, 0.0)
+    assert not draws[0]["attributes"][2][:2].any() and draws[0]["attributes"][2].any()
+    params = [p for p in model.parameters() if p.requires_grad]
+    new = objective.losses(batch, *draws)
+    old = previous_pretrain_terms(model, objective, batch, *draws)
+    for key in old:
+        torch.testing.assert_close(new[key], old[key], atol=1e-5, rtol=1e-5, msg=key)
+    new_grads = torch.autograd.grad(new["total"], params, allow_unused=True)
+    old_grads = torch.autograd.grad(old["total"], params, allow_unused=True)
+    for p, a, b in zip(params, new_grads, old_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(one_thread):
+    """APTM.checkpointing on: the same loss and gradients (≤ 1e-5), with dropout and drop-path drawing at random
+    (checkpointing replays the random state when it recomputes)."""
+    tokenizer = bench.bench_tokenizer(bench.TINY_VOCAB_SIZE)
+    config = replace(CONFIGS["tiny"], vocab_size=tokenizer.vocab_size, drop_path_rate=0.2, hidden_dropout=0.1,
+                     attention_dropout=0.1)
+    model, objective, batch, _ = tiny_step("pretrain", config=config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for checkpointing in (False, True):
+        model.checkpointing = checkpointing
+        torch.manual_seed(1)
+        total = objective(batch, torch.Generator().manual_seed(0), 0.0)["total"]
+        results.append((total, torch.autograd.grad(total, params, allow_unused=True)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=0)
+    for a, b in zip(grads_a, grads_b):
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_device_images_equal_the_float_transform():
+    """uint8 + erasing rectangle through the loader, normalised and erased on the device = the previous all-float
+    transform: normalise in numpy, then erase with the same random numbers."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 40, 3), dtype=np.uint8))
+    transform = data.train_transform((96, 32), "mals", erasing_p=0.6)
+    mean, std = (np.asarray(v, dtype=np.float32) for v in data.NORMALIZATION["mals"])
+    erased = 0
+    for seed in range(12):
+        sample = transform.for_device(image, random.Random(seed))
+        assert sample["image"].dtype == torch.uint8
+        got = data.device_images(sample["image"][None], sample["erase"][None], sample["norm"][None])[0]
+        rng = random.Random(seed)  # the previous transform: flip, RandAugment, float normalisation, erasing
+        pil = image.resize((32, 96), Image.Resampling.BICUBIC)
+        if rng.random() < 0.5:
+            pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        array = np.asarray(transform.randaugment(pil, rng), dtype=np.uint8).astype(np.float32)
+        array = np.ascontiguousarray((array * (1 / (255 * std)) - mean / std).transpose(2, 0, 1))
+        expected = torch.from_numpy(data.RandomErasing(0.6)(array, rng))
+        assert torch.equal(got, expected), seed
+        assert torch.equal(transform(image, random.Random(seed)), expected)
+        erased += int(sample["erase"][2] > 0)
+    assert 0 < erased < 12
+
+
+def test_prompt_masking_drawn_in_workers_and_reproducible(tmp_path, tokenizer):
+    """Each batch carries one masking of all prompts, split over its samples; the same with 0 or 2 workers and
+    after set_epoch back (exact resume); a new one for another batch."""
+    write_image(tmp_path / "a.jpg", size=(16, 48))
+    prompts = ("the person is a woman", "the person is a man", "the person with a hat", "the person without a hat",
+               "the person wears red", "the person wears blue")
+    masking = data.PromptMasking(tokenizer, prompts, 20)
+    entries = [{"image": str(tmp_path / "a.jpg"), "caption": "a man in a red shirt", "pid": i, "label": LABEL27}
+               for i in range(8)]
+    dataset = data.PretrainDataset(entries, data.train_transform((48, 16), "mals"), tokenizer, max_tokens=20, seed=3,
+                                   prompt_masking=masking)
+
+    def batches(workers):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=workers)
+        return [[data.join_prompt_rows(batch[k], len(prompts)) for k in data.PROMPT_MASK_KEYS] for batch in loader]
+
+    first, again = batches(0), batches(2)
+    assert all(torch.equal(a, b) for x, y in zip(first, again) for a, b in zip(x, y))
+    masked_ids, masked_pos, masked_labels = first[0]
+    assert masked_ids.shape == masking.prompt_ids.shape and masked_pos.shape == (len(prompts), 10)
+    changed = masked_ids != masking.prompt_ids
+    assert (changed.sum(1) <= (masked_labels != -100).sum(1)).all() and not changed[:, 0].any()
+    assert not torch.equal(first[0][1], first[1][1])  # each batch its own masking
+    rows = torch.arange(14).view(7, 2)
+    assert torch.equal(data.join_prompt_rows(data.split_prompt_rows(rows, 3), 7), rows)
+
+
+def test_non_finite_watch_stops_naming_the_first_bad_step_and_its_terms(capsys):
+    """The loop's check stays on the device (no sync-forcing op in update) and still stops the run, naming the first
+    step whose loss was not finite and that step's terms."""
+    watch = pretrain.NonFiniteWatch(torch.device("cpu"))
+    steps = [dict(itc=torch.tensor(1.0), total=torch.tensor(2.0)),
+             dict(itc=torch.tensor(float("nan")), total=torch.tensor(float("nan"))),
+             dict(itc=torch.tensor(float("inf")), total=torch.tensor(float("inf")))]
+    with bench.SyncCounter() as syncs:
+        for step, terms in enumerate(steps):
+            watch.update(step, terms)
+    assert syncs.counts == {}
+    with pytest.raises(SystemExit) as exit_info:
+        watch.check()
+    assert exit_info.value.code == 2
+    assert "non-finite loss at step 1: {'itc': nan, 'total': nan}" in capsys.readouterr().err
+    fine = pretrain.NonFiniteWatch(torch.device("cpu"))
+    fine.update(0, steps[0])
+    fine.check()
+
+
+def test_run_loader_persistent_workers_follow_the_epoch(tmp_path, tokenizer):
+    """One DataLoader for the run (persistent workers): each epoch's batches and augmentation are those of the
+    per-epoch loader with any number of workers, and a resumed epoch starts at the right batch."""
+    write_image(tmp_path / "a.jpg", size=(16, 48))
+    entries = [{"image": str(tmp_path / "a.jpg"), "caption": f"a man in a red shirt {i}", "pid": i, "label": LABEL27}
+               for i in range(8)]
+    dataset = data.PretrainDataset(entries, data.train_transform((48, 16), "mals"), tokenizer, max_tokens=20, seed=3)
+    runs = {}
+    for workers in (0, 2):
+        loader, sampler = pretrain.run_loader(dataset, 4, 1, 0, 1, workers, torch.device("cpu"))
+        runs[workers] = []
+        for epoch in (0, 1, 1):
+            sampler.set(epoch, start=1 if len(runs[workers]) == 4 else 0)  # the third pass resumes epoch 1
+            runs[workers] += [(batch["pid"], batch["image"], batch["masked_ids"]) for batch in loader]
+    assert len(runs[0]) == 5
+    for a, b in zip(runs[0], runs[2]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    reference = []
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        per_epoch = pretrain.EpochBatches(8, 4, 1, epoch)
+        reference += [(b["pid"], b["image"], b["masked_ids"]) for b in torch.utils.data.DataLoader(
+            dataset, batch_sampler=per_epoch)]
+    for a, b in zip(runs[0], reference + reference[-1:]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 # ---------------------------------------------------------------------------------------------- issue 16: real weights
