@@ -530,7 +530,7 @@ class ImageTransform:
     rectangle with the same random numbers, in the same order; `device_images` normalises and erases on
     the device, to the same values as calling the transform (our choice)."""
 
-    def __init__(self, image_size, normalization, train, erasing_p=0.6):
+    def __init__(self, image_size, normalization, train, erasing_p=0.6, randaugment_ops=2):
         if isinstance(normalization, str):
             if normalization not in NORMALIZATION:
                 fail(f"unknown normalization {normalization!r}; choose one of {sorted(NORMALIZATION)}")
@@ -538,7 +538,7 @@ class ImageTransform:
         self.height, self.width = image_size
         self.mean, self.std = normalization
         self.train = train
-        self.randaugment = RandAugment(2, 7)
+        self.randaugment = RandAugment(randaugment_ops, 7)
         self.erasing = RandomErasing(erasing_p)
 
     def for_device(self, image, rng=None):
@@ -579,8 +579,8 @@ def device_images(images, erase, norm, fill=0.0):
     return x.masked_fill(inside[:, None], fill)
 
 
-def train_transform(image_size, normalization, erasing_p=0.6):
-    return ImageTransform(image_size, normalization, train=True, erasing_p=erasing_p)
+def train_transform(image_size, normalization, erasing_p=0.6, randaugment_ops=2):
+    return ImageTransform(image_size, normalization, train=True, erasing_p=erasing_p, randaugment_ops=randaugment_ops)
 
 
 def test_transform(image_size, normalization):

@@ -40,9 +40,9 @@ from data import (NORMALIZATION, AttributeDataset, FinetuneDataset, PromptMaskin
 from evaluate import evaluate_retrieval
 from losses import EDA_WEIGHT, categorical_noise, finetune_objective, mlm_loss, pa100k_objective
 from model import APTM, CONFIGS, config_for_bert, load_bert
-from pretrain import (DEFAULT_WORKERS, UNIFORM_NEGATIVES_HELP, NonFiniteWatch, all_rng_states, autocast_setup,
-                      cleanup_distributed, fill_preset_defaults, get_lr, make_optimizer, restore, resume_settings,
-                      retrieval_losses, run_loader, save_checkpoint, schedule_steps, seed_everything,
+from pretrain import (DEFAULT_WORKERS, RANDAUGMENT_HELP, UNIFORM_NEGATIVES_HELP, NonFiniteWatch, all_rng_states,
+                      autocast_setup, cleanup_distributed, fill_preset_defaults, get_lr, make_optimizer, restore,
+                      resume_settings, retrieval_losses, run_loader, save_checkpoint, schedule_steps, seed_everything,
                       setup_distributed)
 from synthetic import synthetic_world
 
@@ -52,15 +52,15 @@ FINETUNE_ATTRIBUTE_DATASETS = {"synthetic-attr": "synthetic", "pa100k": "pa100k"
 # Everything that differs between the CPU default and the paper (spec §5.4), beside the model sizes in
 # model.CONFIGS; None on the command line means "take the preset's value". Retrieval (E10-E12):
 PRESET_DEFAULTS = {
-    "tiny": dict(epochs=10, batch_size=48, lr=1e-3, erasing_p=0.0, k_rerank=32, eval_batch_size=128,
+    "tiny": dict(epochs=10, batch_size=48, lr=1e-3, erasing_p=0.0, randaugment=0, k_rerank=32, eval_batch_size=128,
                  uniform_negatives=1.0),
-    "aptm-base": dict(epochs=30, batch_size=120, lr=1e-4, erasing_p=0.6, k_rerank=128, eval_batch_size=150,
+    "aptm-base": dict(epochs=30, batch_size=120, lr=1e-4, erasing_p=0.6, randaugment=2, k_rerank=128, eval_batch_size=150,
                       uniform_negatives=0.0),
 }
 # Attribute recognition (E13; spec §5.4 column pa100k):
 ATTRIBUTE_PRESET_DEFAULTS = {
-    "tiny": dict(epochs=5, batch_size=48, lr=1e-4, erasing_p=0.6, eval_batch_size=128),
-    "aptm-base": dict(epochs=30, batch_size=200, lr=1e-4, erasing_p=0.6, eval_batch_size=200),
+    "tiny": dict(epochs=5, batch_size=48, lr=1e-4, erasing_p=0.6, randaugment=2, eval_batch_size=128),
+    "aptm-base": dict(epochs=30, batch_size=200, lr=1e-4, erasing_p=0.6, randaugment=2, eval_batch_size=200),
 }
 
 
@@ -96,6 +96,7 @@ def get_args(argv=None):
     parser.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm; 0 = none (official: none)")
     parser.add_argument("--erasing-p", type=float, help="random-erasing probability; paper 0.6 (spec §4.6); tiny 0 "
                         "for retrieval")
+    parser.add_argument("--randaugment", type=int, help=RANDAUGMENT_HELP)
     # evaluation (spec §6)
     parser.add_argument("--k-rerank", type=int, help="ITM re-ranks ITC's top k (k_test); paper 128, tiny 32")
     # system
@@ -235,7 +236,7 @@ def main(argv=None):
     model = model.to(device)
     model.checkpointing = args.checkpointing  # activations recomputed in the backward
     config = model.config
-    transform = train_transform(config.image_size, NORMALIZATION[norm], args.erasing_p)
+    transform = train_transform(config.image_size, NORMALIZATION[norm], args.erasing_p, args.randaugment)
     if args.dataset in FINETUNE_ATTRIBUTE_DATASETS:
         dataset = AttributeDataset(entries, transform, args.seed,
                                    PromptMasking(tokenizer, PROMPT_TABLES[table], PROMPT_MAX_TOKENS[table]))

@@ -44,15 +44,19 @@ DEFAULT_WORKERS = 6 if torch.cuda.is_available() else 0
 # Everything that differs between the CPU default and the paper (spec §5.4), beside the model sizes in
 # model.CONFIGS; None on the command line means "take the preset's value".
 PRESET_DEFAULTS = {
-    "tiny": dict(epochs=7, batch_size=48, warmup_steps=50, lr=1e-3, erasing_p=0.0, k_rerank=32, eval_batch_size=128,
-                 uniform_negatives=1.0, label_smoothing=0.0),
-    "aptm-base": dict(epochs=32, batch_size=150, warmup_steps=2600, lr=1e-4, erasing_p=0.6, k_rerank=128,
-                      eval_batch_size=150, uniform_negatives=0.0, label_smoothing=0.4),
+    "tiny": dict(epochs=2, batch_size=48, warmup_steps=50, lr=1e-3, erasing_p=0.0, randaugment=0, k_rerank=32,
+                 eval_batch_size=128, uniform_negatives=1.0, label_smoothing=0.0),
+    "aptm-base": dict(epochs=32, batch_size=150, warmup_steps=2600, lr=1e-4, erasing_p=0.6, randaugment=2,
+                      k_rerank=128, eval_batch_size=150, uniform_negatives=0.0, label_smoothing=0.4),
 }
 
 
 UNIFORM_NEGATIVES_HELP = ("fraction of the run, from its start, in which ITM draws its negatives uniformly instead of "
                           "by ITC similarity (losses.sample_hard_negatives); paper 0; tiny (from scratch) 1")
+
+
+RANDAUGMENT_HELP = ("RandAugment ops per training image at magnitude 7; paper 2 (spec §4.6); tiny 0: on 96x32 "
+                    "images its shears, rotations and equalisation cost the tiny model more than they teach")
 
 
 def get_args(argv=None):
@@ -88,6 +92,7 @@ def get_args(argv=None):
     parser.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm; 0 = none (official: none)")
     parser.add_argument("--erasing-p", type=float, help="random-erasing probability; paper 0.6 (spec §4.6); tiny 0, "
                         "whose 96x32 images lose the clothes it must learn")
+    parser.add_argument("--randaugment", type=int, help=RANDAUGMENT_HELP)
     # system
     parser.add_argument("--out-dir", default="out/pretrain")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -128,11 +133,12 @@ def fill_preset_defaults(args, parser, preset):
 
 def resume_settings(args):
     """(args, checkpoint): without --resume, the command's settings and None; with it, the run's saved settings
-    (all but --max-steps and --resume, which come from the command) and the checkpoint to continue from."""
+    (all but --max-steps and --resume, which come from the command; a setting newer than the checkpoint keeps the
+    command's value) and the checkpoint to continue from."""
     if not args.resume:
         return args, None
     checkpoint = read_checkpoint(args.resume)
-    saved = {**checkpoint["args"], "max_steps": args.max_steps, "resume": args.resume}
+    saved = {**vars(args), **checkpoint["args"], "max_steps": args.max_steps, "resume": args.resume}
     return argparse.Namespace(**saved), checkpoint
 
 
@@ -458,7 +464,8 @@ def main(argv=None):
     model = model.to(device)
     model.checkpointing = args.checkpointing  # activations recomputed in the backward
     config = model.config
-    dataset = PretrainDataset(entries, train_transform(config.image_size, NORMALIZATION["mals"], args.erasing_p),
+    dataset = PretrainDataset(entries, train_transform(config.image_size, NORMALIZATION["mals"], args.erasing_p,
+                                                       args.randaugment),
                               tokenizer, config.max_tokens, seed=args.seed,
                               prompt_masking=PromptMasking(tokenizer, MALS_PROMPTS, config.max_tokens))
     objective = PretrainObjective(model, tokenizer, MALS_PROMPTS, args.beta, args.label_smoothing,

@@ -436,7 +436,7 @@ def render_person(identity, rng, size=(192, 64)):
 
 # building the world on disk ---------------------------------------------------------------------------------
 
-SYNTHETIC_DEFAULTS = dict(mals_ids=1500, mals_images_per_id=4, train_ids=300, val_ids=50, test_ids=100,
+SYNTHETIC_DEFAULTS = dict(mals_ids=6000, mals_images_per_id=4, train_ids=300, val_ids=50, test_ids=100,
                           images_per_id=4, attr_train=1000, attr_test=500, image_size=(192, 64))
 _MARKER = "COMPLETE.json"
 WORLD_VERSION = 1  # bump when the renderer or the caption grammar changes: cached worlds are then rebuilt

@@ -1384,6 +1384,17 @@ def test_transforms_deterministic_under_seed_and_all_ops():
     assert bright[0, 0].tolist() == [136, 255, 13]  # ×1.36, clipped
 
 
+def test_train_transform_without_randaugment_only_flips():
+    """randaugment_ops=0 (the tiny preset): a training image is the test image or its mirror, nothing else."""
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 255, (120, 40, 3), dtype=np.uint8))
+    plain = data.test_transform((96, 32), "mals")(image)
+    transform = data.train_transform((96, 32), "mals", erasing_p=0.0, randaugment_ops=0)
+    outputs = [transform(image, random.Random(seed)) for seed in range(8)]
+    assert all(torch.equal(out, plain) or torch.equal(out, plain.flip(-1)) for out in outputs)
+    assert any(torch.equal(out, plain.flip(-1)) for out in outputs)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # text preprocessing (spec §4.7)
 
