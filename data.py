@@ -522,7 +522,8 @@ class RandomErasing:
 
 
 class ImageTransform:
-    """Resize (bicubic) → [flip 0.5 → RandAugment(2, 7)] → ToTensor+Normalize → [RandomErasing] (spec §4.6).
+    """Resize (bicubic) → [flip 0.5 → RandAugment(N, 7)] → ToTensor+Normalize → [RandomErasing] (spec §4.6).
+    N = 2 as in the paper; 0 switches RandAugment off (the tiny preset).
     Call as transform(pil_image, rng=None) → (3, H, W) float tensor.
 
     Training data goes through the DataLoader as uint8 (`for_device`: 4x smaller than float32, and the

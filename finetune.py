@@ -54,8 +54,8 @@ FINETUNE_ATTRIBUTE_DATASETS = {"synthetic-attr": "synthetic", "pa100k": "pa100k"
 PRESET_DEFAULTS = {
     "tiny": dict(epochs=10, batch_size=48, lr=1e-3, erasing_p=0.0, randaugment=0, k_rerank=32, eval_batch_size=128,
                  uniform_negatives=1.0),
-    "aptm-base": dict(epochs=30, batch_size=120, lr=1e-4, erasing_p=0.6, randaugment=2, k_rerank=128, eval_batch_size=150,
-                      uniform_negatives=0.0),
+    "aptm-base": dict(epochs=30, batch_size=120, lr=1e-4, erasing_p=0.6, randaugment=2, k_rerank=128,
+                      eval_batch_size=150, uniform_negatives=0.0),
 }
 # Attribute recognition (E13; spec §5.4 column pa100k):
 ATTRIBUTE_PRESET_DEFAULTS = {

@@ -78,7 +78,7 @@ def get_args(argv=None):
     parser.add_argument("--swin", help="swin_base_patch4_window7_224_22k.pth or a transformers SwinModel folder "
                         "(spec §1.2)")
     # optimisation (spec §5)
-    parser.add_argument("--epochs", type=int, help="paper 32; tiny 7")
+    parser.add_argument("--epochs", type=int, help="paper 32; tiny 2 (1,000 steps over 24,000 synthetic images)")
     parser.add_argument("--batch-size", type=int, help="per process; paper 150 on each of 4 GPUs; tiny 48")
     parser.add_argument("--lr", type=float, help="AdamW lr; paper 1e-4 (spec §5.1); tiny (from scratch) 1e-3")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="spec §5.1")

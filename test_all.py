@@ -2075,7 +2075,11 @@ def test_ddp_gathered_itc_equals_one_process(tmp_path):
 
 def test_torchrun_two_processes_pretrain(world, tmp_path):
     """`torchrun --nproc_per_node 2 pretrain.py` runs a few DDP steps on CPU (gloo)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    import socket
+    with socket.socket() as probe:  # a free port: a fixed one collides with any other run on the machine
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                "pretrain.py", *run_args(world, tmp_path, "--max-steps", "2", "--val-dataset", "none",
                                         "--device", "cpu")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
