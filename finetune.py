@@ -348,6 +348,7 @@ def main(argv=None):
         print(f"done in {minutes:.1f} min; test with {chosen}: " + " | ".join(f"{k} {v:.2f}" for k, v in test.items()))
         with open(os.path.join(args.out_dir, "results.json"), "w") as f:
             json.dump(dict(checkpoint=chosen, test=test), f, indent=1)
+    del wrapped  # before the process group goes (cleanup_distributed)
     cleanup_distributed()
     return test
 

@@ -157,7 +157,13 @@ def setup_distributed(device_name):
 
 
 def cleanup_distributed():
+    """Leave the process group. Call it after dropping the DDP wrapper, whose reducer holds the group. gloo frees a
+    finished collective's tensors on its own threads, which need the GIL for that; destroying the group while one
+    of them waits for the GIL deadlocks (seen in 2 of 8 two-process CPU runs). So: a barrier, then a moment with
+    the GIL released, then the destroy."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        time.sleep(0.2)
         dist.destroy_process_group()
 
 
@@ -565,6 +571,7 @@ def main(argv=None):
     if master:
         log_file.close()
         print(f"done in {time.time() - t0:.0f} s; checkpoint: {os.path.join(args.out_dir, 'ckpt.pt')}")
+    del wrapped  # before the process group goes (cleanup_distributed)
     cleanup_distributed()
 
 
