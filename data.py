@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from model import build_from_checkpoint, fail  # fail: one `error: ...` line, exit 2 (model.py, the lowest file)
+from model import build_from_checkpoint, fail, read_json  # fail: one `error: ...` line, exit 2 (model.py)
 
 # ----------------------------------------------------------------------------------------------------------
 # Failing clearly
@@ -191,11 +191,7 @@ class Tokenizer:
                 return cls([line.rstrip("\n") for line in f])
         if not os.path.isfile(json_file):
             fail(f"{path}: neither vocab.txt nor tokenizer.json; --bert needs a BERT folder with its tokenizer")
-        try:
-            with open(json_file, encoding="utf-8") as f:
-                saved = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            fail(f"{json_file}: not valid JSON ({error})")
+        saved = read_json(json_file)
         model = saved.get("model") if isinstance(saved, dict) else None
         if not isinstance(model, dict) or model.get("type") != "WordPiece" or not isinstance(model.get("vocab"), dict):
             fail(f"{json_file}: not a WordPiece (BERT) tokenizer")

@@ -582,6 +582,15 @@ def fail(message):
     raise SystemExit(2)
 
 
+def read_json(path):
+    """The parsed JSON of a file that exists, failing in one line if it cannot be read as JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        fail(f"{path}: not valid JSON ({error})")
+
+
 def load_into(module, state_dict, what):
     """Strict load with one error line naming missing, unexpected and mis-shaped keys."""
     own = module.state_dict()
@@ -605,11 +614,7 @@ def read_folder_config(folder, flag):
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         fail(f"{path}: not found; {flag} needs a transformers model folder (config.json + {' or '.join(WEIGHT_FILES)})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        fail(f"{path}: not valid JSON ({error})")
+    config = read_json(path)
     if not isinstance(config, dict):
         fail(f"{path}: not a JSON object")
     return config
