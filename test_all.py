@@ -1960,41 +1960,38 @@ def test_epoch_batches_resume_and_ranks():
     assert len(ranks[0]) == len(ranks[1]) == 24 and not set(ranks[0]) & set(ranks[1])
 
 
-def test_pretrain_smoke_and_exact_resume(world, tmp_path):
-    """N steps in one go equal N/2 steps + --resume + N/2 steps, weight for weight (DESIGN §6). One thread: with
-    two, some CPU kernels sum in a varying order and two identical runs already differ in the last bits (measured)."""
+@pytest.fixture
+def one_thread():
+    """The tiny model gains nothing from more threads; on a busy CPU OpenMP spin-waits cost ~50x (measured)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        pretrain.main(run_args(world, tmp_path / "a", "--max-steps", "4"))
-        pretrain.main(run_args(world, tmp_path / "b", "--max-steps", "2"))
-        pretrain.main(["--resume", str(tmp_path / "b" / "ckpt.pt"), "--max-steps", "4"])
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_split_and_resume(main, world, tmp_path, steps, *extra):
+    """main() for `steps` steps in one go (out a/) and for steps/2 + --resume + steps/2 (out b/) -> both checkpoints."""
+    main(run_args(world, tmp_path / "a", "--max-steps", str(steps), *extra))
+    main(run_args(world, tmp_path / "b", "--max-steps", str(steps // 2), *extra))
+    main(["--resume", str(tmp_path / "b" / "ckpt.pt"), "--max-steps", str(steps)])
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
-    assert a["step"] == b["step"] == 4
+    assert a["step"] == b["step"] == steps
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def test_pretrain_smoke_and_exact_resume(world, tmp_path, one_thread):
+    """N steps in one go equal N/2 steps + --resume + N/2 steps, weight for weight (DESIGN §6). One thread: with
+    two, some CPU kernels sum in a varying order and two identical runs already differ in the last bits (measured)."""
+    run_split_and_resume(pretrain.main, world, tmp_path, 4)
     log = (tmp_path / "a" / "log.jsonl").read_text().splitlines()
     assert len(log) == 4 and all(key in log[-1] for key in ("itc", "itm", "mlm", "iac", "iam", "mam", "total"))
 
 
-def test_finetune_exact_resume(world, tmp_path):
+def test_finetune_exact_resume(world, tmp_path, one_thread):
     """finetune.py writes its own loop: there too N steps in one go equal N/2 steps + --resume + N/2 steps."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        finetune.main(run_args(world, tmp_path / "a", "--max-steps", "2", "--k-rerank", "4"))
-        finetune.main(run_args(world, tmp_path / "b", "--max-steps", "1", "--k-rerank", "4"))
-        finetune.main(["--resume", str(tmp_path / "b" / "ckpt.pt"), "--max-steps", "2"])
-    finally:
-        torch.set_num_threads(threads)
-    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
-    assert a["step"] == b["step"] == 2
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
+    run_split_and_resume(finetune.main, world, tmp_path, 2, "--k-rerank", "4")
 
 
 def test_uniform_negatives_for_the_first_part_of_the_run(world, tmp_path, monkeypatch):
@@ -2095,16 +2092,11 @@ def test_torchrun_two_processes_pretrain(world, tmp_path):
 # =====================================================================================================================
 
 
-def test_smoke_run_gives_finite_numbers(tmp_path):
+def test_smoke_run_gives_finite_numbers(tmp_path, one_thread):
     out = tmp_path / "bench.json"
     argv = ["--smoke", "--modes", "fp32", "--steps", "1", "--warmup", "0", "--json", str(out), "--no-checks",
             "--pipeline-workers", "0", "--pipeline-batches", "1"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model gains nothing from more; on a busy CPU OpenMP spin-waits cost ~4x
-    try:
-        result = bench.main(argv)
-    finally:
-        torch.set_num_threads(threads)
+    result = bench.main(argv)
     assert json.loads(out.read_text())["training"].keys() == {"finetune", "pretrain"}
     for modes in result["training"].values():
         assert set(modes) == {"fp32"}
@@ -2133,15 +2125,6 @@ def test_flop_counter_by_hand():
 # =====================================================================================================================
 # issue 15: sync-free step
 # =====================================================================================================================
-
-
-@pytest.fixture
-def one_thread():
-    """The tiny model gains nothing from more threads; on a busy CPU OpenMP spin-waits cost ~50x (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_step(objective_name, batch_size=6, config=None):
@@ -2446,14 +2429,9 @@ def test_bert_folder_of_any_width_with_tokenizer_json(bert48, capsys):
     assert M.config_for_bert(CONFIGS["tiny"], str(bert48), text_layers=2).num_cross_layers == 1
 
 
-def test_pretrain_with_a_bert_folder(bert48, world, tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: with more threads on a busy CPU, OpenMP spin-waits cost ~50x (measured)
-    try:
-        pretrain.main(run_args(world, tmp_path, "--bert", str(bert48), "--text-layers", "2", "--max-steps", "1",
-                               "--val-dataset", "none"))
-    finally:
-        torch.set_num_threads(threads)
+def test_pretrain_with_a_bert_folder(bert48, world, tmp_path, one_thread):
+    pretrain.main(run_args(world, tmp_path, "--bert", str(bert48), "--text-layers", "2", "--max-steps", "1",
+                           "--val-dataset", "none"))
     config = torch.load(tmp_path / "ckpt.pt", weights_only=False)["config"]
     assert (config["hidden_size"], config["num_text_layers"], config["num_cross_layers"]) == (48, 2, 1)
     assert config["swin_dim"] == CONFIGS["tiny"].swin_dim
