@@ -36,7 +36,7 @@ from tqdm import tqdm
 from attributes import (ATTRIBUTE_DATASETS, PROMPT_MAX_TOKENS, PROMPT_TABLES, PromptStream, attribute_draws,
                         attribute_split, evaluate_attributes)
 from data import (NORMALIZATION, AttributeDataset, FinetuneDataset, PromptMasking, Tokenizer, device_images, fail,
-                  load_model_and_tokenizer, load_retrieval, read_checkpoint, train_transform)
+                  load_model_and_tokenizer, load_retrieval, read_checkpoint, read_mals, train_transform)
 from evaluate import evaluate_retrieval
 from losses import EDA_WEIGHT, categorical_noise, finetune_objective, mlm_loss, pa100k_objective
 from model import APTM, CONFIGS, config_for_bert, load_bert
@@ -52,10 +52,10 @@ FINETUNE_ATTRIBUTE_DATASETS = {"synthetic-attr": "synthetic", "pa100k": "pa100k"
 # Everything that differs between the CPU default and the paper (spec §5.4), beside the model sizes in
 # model.CONFIGS; None on the command line means "take the preset's value". Retrieval (E10-E12):
 PRESET_DEFAULTS = {
-    "tiny": dict(epochs=10, batch_size=48, lr=1e-3, erasing_p=0.0, randaugment=0, k_rerank=32, eval_batch_size=128,
-                 uniform_negatives=1.0),
+    "tiny": dict(epochs=6, batch_size=48, lr=1e-3, erasing_p=0.0, randaugment=0, k_rerank=32, eval_batch_size=128,
+                 uniform_negatives=1.0, replay=6000),
     "aptm-base": dict(epochs=30, batch_size=120, lr=1e-4, erasing_p=0.6, randaugment=2, k_rerank=128,
-                      eval_batch_size=150, uniform_negatives=0.0),
+                      eval_batch_size=150, uniform_negatives=0.0, replay=0),
 }
 # Attribute recognition (E13; spec §5.4 column pa100k):
 ATTRIBUTE_PRESET_DEFAULTS = {
@@ -83,7 +83,7 @@ def get_args(argv=None):
     parser.add_argument("--text-layers", type=int, help="with --bert and no --init: its first N layers are the text "
                         "encoder, the rest the fusion layers; default half (paper 6 of 12)")
     # optimisation (spec §5)
-    parser.add_argument("--epochs", type=int, help="paper 30; tiny 10 (retrieval), 5 (attributes)")
+    parser.add_argument("--epochs", type=int, help="paper 30; tiny 6 (retrieval), 5 (attributes)")
     parser.add_argument("--batch-size", type=int, help="per process; paper 120 (retrieval) and 200 (PA-100K) on "
                         "each of 4 GPUs; tiny 48")
     parser.add_argument("--lr", type=float, help="AdamW lr; paper 1e-4 (spec §5.1); tiny 1e-3 (retrieval)")
@@ -93,6 +93,10 @@ def get_args(argv=None):
     parser.add_argument("--eda-weight", type=float, default=EDA_WEIGHT,
                         help="weight of the EDA copy in E10/E11 (losses.EDA_WEIGHT)")
     parser.add_argument("--uniform-negatives", type=float, help=UNIFORM_NEGATIVES_HELP)
+    parser.add_argument("--replay", type=int, help="--dataset synthetic: mix the first N of the world's MALS-style "
+                        "pre-training images (one caption each, each its own identity) into the training split; "
+                        "ours, not the paper (which fine-tunes on the target split alone): the tiny model over-fits "
+                        "the 2,400 training captions; paper 0, tiny 6000")
     parser.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm; 0 = none (official: none)")
     parser.add_argument("--erasing-p", type=float, help="random-erasing probability; paper 0.6 (spec §4.6); tiny 0 "
                         "for retrieval")
@@ -116,8 +120,23 @@ def get_args(argv=None):
         parser.error("--warmup-fraction is a fraction in [0, 1)")
     if args.dataset == "pa100k" and not args.data_root:
         parser.error("--dataset pa100k needs --data-root")
+    if args.replay and args.dataset != "synthetic":
+        parser.error("--replay mixes in the synthetic world's pre-training images: --dataset synthetic only")
     table = ATTRIBUTE_PRESET_DEFAULTS if args.dataset in FINETUNE_ATTRIBUTE_DATASETS else PRESET_DEFAULTS
-    return fill_preset_defaults(args, parser, table[args.preset])
+    args = fill_preset_defaults(args, parser, table[args.preset])
+    if args.dataset != "synthetic" or args.replay is None:
+        args.replay = 0  # the preset's replay is for the synthetic world only
+    if args.replay < 0:
+        parser.error("--replay must be at least 0")
+    return args
+
+
+def replay_entries(entries, world, count):
+    """The first `count` MALS-style pre-training images of the synthetic world as retrieval entries (image, caption,
+    pid), each its own identity after the training split's, as in pre-training (spec §4.2: image_id unique)."""
+    first = 1 + max(pid for _, _, pid in entries)
+    mals = read_mals(world["mals_ann"], world["mals_root"])[:count]
+    return [(entry["image"], entry["caption"], first + i) for i, entry in enumerate(mals)]
 
 
 class FinetuneObjective(torch.nn.Module):
@@ -218,6 +237,8 @@ def main(argv=None):
         if not data_root:
             fail(f"--dataset {args.dataset} needs --data-root (the dataset folder)")
         entries = load_retrieval(args.dataset, data_root, "train")
+        if args.replay:  # the tiny preset: pre-training images mixed in (ours; --replay 0 is the paper)
+            entries = entries + replay_entries(entries, synthetic_world(args.data_dir), args.replay)
         valset = load_retrieval(args.dataset, data_root, "val") if args.dataset != "icfg" else None
         selected = "R1"
         corpus = [entry[1] for entry in entries]

@@ -2011,6 +2011,10 @@ def test_finetune_and_evaluate_from_pretrained(world, tmp_path, capsys):
     finetune.main(run_args(world, tmp_path / "ft", "--init", init, "--epochs", "2", "--k-rerank", "4"))
     out = capsys.readouterr().out
     assert "val_R1" in out and "test with" in out
+    paths = synthetic.synthetic_world(world)  # the training split and every MALS-style image (tiny's --replay)
+    samples = len(data.load_retrieval("synthetic", paths["cuhk_raw"], "train")) + len(
+        data.read_mals(paths["mals_ann"], paths["mals_root"]))
+    assert f" {samples:,} samples" in out
     assert (tmp_path / "ft" / "best.pt").exists()
     # the best validation R1 so far travels in the checkpoint, so a resumed run selects against it
     logged = [json.loads(line) for line in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
@@ -2023,6 +2027,22 @@ def test_finetune_and_evaluate_from_pretrained(world, tmp_path, capsys):
     assert set(tuned) == set(metrics) and (tmp_path / "attr" / "ckpt.pt").exists()
     image = data.read_attributes(synthetic.synthetic_world(world)["attr_test"])[0][0]
     assert attributes.main(["--ckpt", init, "--image", image]).shape == (27,)
+
+
+def test_finetune_replay_mixes_in_pretraining_images(world, tmp_path):
+    """The tiny preset's --replay N: the first N MALS-style images join the synthetic training split, each its own
+    identity after the split's; the paper's preset and the other datasets have none, and refuse it."""
+    paths = synthetic.synthetic_world(world)
+    train = data.load_retrieval("synthetic", paths["cuhk_raw"], "train")
+    mals = data.read_mals(paths["mals_ann"], paths["mals_root"])[:5]
+    replayed = finetune.replay_entries(train, paths, 5)
+    first = 1 + max(pid for _, _, pid in train)
+    assert replayed == [(m["image"], m["caption"], first + i) for i, m in enumerate(mals)]
+    assert finetune.get_args([]).replay == 6000 and finetune.get_args(["--preset", "aptm-base"]).replay == 0
+    assert finetune.get_args(["--dataset", "cuhk", "--data-root", "x"]).replay == 0
+    with pytest.raises(SystemExit) as error:
+        finetune.get_args(["--dataset", "cuhk", "--data-root", "x", "--replay", "5"])
+    assert error.value.code == 2
 
 
 def test_finetune_from_random_init_and_bad_init(world, tmp_path, capsys):
