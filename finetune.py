@@ -35,15 +35,15 @@ from tqdm import tqdm
 
 from attributes import (ATTRIBUTE_DATASETS, PROMPT_MAX_TOKENS, PROMPT_TABLES, PromptStream, attribute_draws,
                         attribute_split, evaluate_attributes)
-from data import (NORMALIZATION, AttributeDataset, FinetuneDataset, PromptMasking, Tokenizer, device_images, fail,
+from data import (NORMALIZATION, AttributeDataset, FinetuneDataset, PromptMasking, Tokenizer, fail,
                   load_model_and_tokenizer, load_retrieval, read_checkpoint, read_mals, train_transform)
 from evaluate import evaluate_retrieval
 from losses import EDA_WEIGHT, categorical_noise, finetune_objective, mlm_loss, pa100k_objective
 from model import APTM, CONFIGS, config_for_bert, load_bert
 from pretrain import (DEFAULT_WORKERS, RANDAUGMENT_HELP, UNIFORM_NEGATIVES_HELP, NonFiniteWatch, all_rng_states,
-                      autocast_setup, cleanup_distributed, fill_preset_defaults, get_lr, make_optimizer, restore,
-                      resume_settings, retrieval_losses, run_loader, save_checkpoint, schedule_steps, seed_everything,
-                      setup_distributed)
+                      autocast_setup, cleanup_distributed, encode_batch_images, fill_preset_defaults, get_lr,
+                      make_optimizer, restore, resume_settings, retrieval_losses, run_loader, save_checkpoint,
+                      schedule_steps, seed_everything, setup_distributed)
 from synthetic import synthetic_world
 
 RETRIEVAL_DATASETS = ("synthetic", "cuhk", "icfg", "rstp")
@@ -159,10 +159,7 @@ class FinetuneObjective(torch.nn.Module):
 
     def losses(self, batch, negatives, uniform):
         model = self.model
-        images = device_images(batch["image"], batch["erase"], batch["norm"])         # (B, 3, H, W)
-        image_embeds = model.encode_image(images)                                     # (B, N, Dv)
-        image_feat = model.image_feat(image_embeds)                                   # (B, D)
-        image_kv = model.cross_kv(image_embeds)       # each image's cross-attention keys/values, projected once
+        image_embeds, image_feat, image_kv = encode_batch_images(model, batch)
         pid = batch["pid"]
         loss_itc, loss_itm = retrieval_losses(model, image_kv, image_feat, batch["input_ids"],
                                               batch["attention_mask"], pid, negatives[0], uniform)
@@ -193,10 +190,7 @@ class AttributeObjective(torch.nn.Module):
         return (attribute_draws(batch["attr_label"], generator),)
 
     def losses(self, batch, draws):
-        images = device_images(batch["image"], batch["erase"], batch["norm"])         # (B, 3, H, W)
-        image_embeds = self.model.encode_image(images)                                # (B, N, Dv)
-        image_feat = self.model.image_feat(image_embeds)                              # (B, D)
-        image_kv = self.model.cross_kv(image_embeds)  # each image's cross-attention keys/values, projected once
+        image_embeds, image_feat, image_kv = encode_batch_images(self.model, batch)
         attr = self.prompts(self.model, image_embeds, image_feat, batch, draws, image_kv)
         return pa100k_objective(attr["iac"], attr["iam"], attr["mam"])
 
@@ -233,12 +227,13 @@ def main(argv=None):
         corpus = list(PROMPT_TABLES[table])
     else:
         norm = args.dataset
-        data_root = synthetic_world(args.data_dir)["cuhk_raw"] if args.dataset == "synthetic" else args.data_root
+        world = synthetic_world(args.data_dir) if args.dataset == "synthetic" else None
+        data_root = world["cuhk_raw"] if world else args.data_root
         if not data_root:
             fail(f"--dataset {args.dataset} needs --data-root (the dataset folder)")
         entries = load_retrieval(args.dataset, data_root, "train")
         if args.replay:  # the tiny preset: pre-training images mixed in (ours; --replay 0 is the paper)
-            entries = entries + replay_entries(entries, synthetic_world(args.data_dir), args.replay)
+            entries = entries + replay_entries(entries, world, args.replay)
         valset = load_retrieval(args.dataset, data_root, "val") if args.dataset != "icfg" else None
         selected = "R1"
         corpus = [entry[1] for entry in entries]

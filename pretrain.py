@@ -376,6 +376,14 @@ def restore(checkpoint, optimizer, scaler, generator, rank):
 # The objective: E9 on one batch
 
 
+def encode_batch_images(model, batch):
+    """A training batch's images -> (image_embeds (B, N, Dv), image_feat (B, D), image_kv): normalised and erased on
+    the device, encoded once, and each image's cross-attention keys/values projected once for all its pairs."""
+    images = device_images(batch["image"], batch["erase"], batch["norm"])             # (B, 3, H, W)
+    image_embeds = model.encode_image(images)                                         # (B, N, Dv)
+    return image_embeds, model.image_feat(image_embeds), model.cross_kv(image_embeds)
+
+
 def retrieval_losses(model, image_kv, image_feat, input_ids, attention_mask, pid, negatives, uniform=False):
     """ITC (E1, over the batch gathered from all processes) and ITM with in-batch hard negatives (E2), or uniform
     ones, for one batch of captions. image_kv: model.cross_kv of the batch's images (each image's keys/values
@@ -419,10 +427,7 @@ class PretrainObjective(torch.nn.Module):
 
     def losses(self, batch, draws, uniform):
         model = self.model
-        images = device_images(batch["image"], batch["erase"], batch["norm"])         # (B, 3, H, W)
-        image_embeds = model.encode_image(images)                                     # (B, N, Dv)
-        image_feat = model.image_feat(image_embeds)                                   # (B, D)
-        image_kv = model.cross_kv(image_embeds)       # each image's cross-attention keys/values, projected once
+        image_embeds, image_feat, image_kv = encode_batch_images(model, batch)
         loss_itc, loss_itm = retrieval_losses(model, image_kv, image_feat, batch["input_ids"],
                                               batch["attention_mask"], batch["pid"], draws["negatives"], uniform)
         # MLM on the caption, conditioned on the image (E3); the masks were drawn in the data-loader workers.
