@@ -124,8 +124,8 @@ def get_args(argv=None):
         parser.error("--replay mixes in the synthetic world's pre-training images: --dataset synthetic only")
     table = ATTRIBUTE_PRESET_DEFAULTS if args.dataset in FINETUNE_ATTRIBUTE_DATASETS else PRESET_DEFAULTS
     args = fill_preset_defaults(args, parser, table[args.preset])
-    if args.dataset != "synthetic" or args.replay is None:
-        args.replay = 0  # the preset's replay is for the synthetic world only
+    if args.dataset != "synthetic":
+        args.replay = 0  # the preset's replay is for the synthetic world only (the attribute presets have none)
     if args.replay < 0:
         parser.error("--replay must be at least 0")
     return args
