@@ -27,10 +27,10 @@ FLOP counting convention (finetune_step_flops, pretrain_step_flops and the *_mac
 of every linear layer, convolution and attention matmul (QKᵀ and AV) of the forward pass, FLOPs = 2 × MACs, and a
 training step costs 3 × the forward (the backward computes gradients for inputs and weights: 2 × forward). Norms,
 softmax, GELU, embedding look-ups, the losses and the optimizer are not counted. The work is counted as the code
-does it (each image's cross-attention keys/values projected once and shared by its pairs; MAM on all P prompts;
-MLM runs the head at all M masked slots, padding included), not as it could be done. Spec §1.6: Swin-B@384×128 ≈
-15.2 GMACs, text encoder (L=56) ≈ 2.4 GMACs, cross encoder per pair ≈ 3.3 GMACs (test_all.py:
-test_flop_counter_by_hand).
+does it (each image's cross-attention keys/values projected once and shared by its pairs; the last fusion layer
+at [CLS] alone for ITM and at the M masked slots, padding included, for MLM, which runs its head there; MAM on all P
+prompts), not as it could be done. Spec §1.6: Swin-B@384×128 ≈ 15.2 GMACs, text encoder (L=56) ≈ 2.4 GMACs, cross
+encoder per pair ≈ 3.3 GMACs (test_all.py: test_flop_counter_by_hand).
 
 Shapes: B batch, L text tokens, N image tokens, Dv/Dt vision/text widths, M masked positions, V vocabulary,
 P prompts, Q queries, G gallery images.
@@ -220,10 +220,21 @@ def kv_macs(config):
     return config.num_cross_layers * linear_macs(image_tokens(config), config.vision_width, 2 * config.hidden_size)
 
 
-def pair_macs(config, length):
+def pair_macs(config, length, queries=None):
     """Cross encoder on one pair whose image keys/values were projected once per image (cross_kv), as training
-    does: cross_macs without the projection."""
-    return cross_macs(config, length) - kv_macs(config)
+    does: cross_macs without the projection. With `queries`, the last layer computes that many positions alone
+    (keys and values still on every token), as model.encode_cross(positions=...) does: ITM 1 ([CLS]), MLM the M
+    masked ones."""
+    macs = cross_macs(config, length) - kv_macs(config)
+    if queries is None or config.num_cross_layers == 0:
+        return macs
+    Dt, Di, N = config.hidden_size, config.intermediate_size, image_tokens(config)
+
+    def last_layer(q):  # self-attention (keys/values on every token), cross-attention (keys/values given), FFN
+        return (linear_macs(q, Dt, Dt) + linear_macs(length, Dt, 2 * Dt) + attention_macs(q, length, Dt)
+                + linear_macs(q, Dt, Dt) + linear_macs(q, Dt, Dt) + attention_macs(q, N, Dt) + linear_macs(q, Dt, Dt)
+                + linear_macs(q, Dt, Di) + linear_macs(q, Di, Dt))
+    return macs - last_layer(length) + last_layer(queries)
 
 
 def itm_head_macs(config):
@@ -232,11 +243,11 @@ def itm_head_macs(config):
 
 
 def mlm_macs(config, length, masked):
-    """MLM forward ('multi_modal' mode) of one row: text + cross encoder (image keys/values given), then the head
-    at `masked` positions."""
+    """MLM forward ('multi_modal' mode) of one row: text + cross encoder (image keys/values given; its last layer
+    at the `masked` positions alone), then the head there."""
     Dt = config.hidden_size
     head = linear_macs(masked, Dt, Dt) + linear_macs(masked, Dt, config.vocab_size)
-    return text_macs(config, length) + pair_macs(config, length) + head
+    return text_macs(config, length) + pair_macs(config, length, masked) + head
 
 
 def finetune_step_flops(config, batch_size, masked=10):
@@ -245,7 +256,7 @@ def finetune_step_flops(config, batch_size, masked=10):
     caption. × 2 FLOPs/MAC × 3 for the backward."""
     B, L, Dv, Dt, D = batch_size, config.max_tokens, config.vision_width, config.hidden_size, config.embed_dim
     per_caption_set = (B * text_macs(config, L) + linear_macs(B, Dt, D) + linear_macs(B, D, B)  # ITC logits
-                       + 3 * B * (pair_macs(config, L) + itm_head_macs(config)))
+                       + 3 * B * (pair_macs(config, L, 1) + itm_head_macs(config)))
     forward = (B * (swin_macs(config) + kv_macs(config)) + linear_macs(B, Dv, D) + 2 * per_caption_set
                + B * mlm_macs(config, L, masked))
     return 3 * 2 * forward
@@ -259,10 +270,10 @@ def pretrain_step_flops(config, batch_size, prompt_len, num_prompts, mam_rows, m
     S, P = IAM_NUM_PROMPTS, num_prompts
     forward = (B * (swin_macs(config) + kv_macs(config)) + linear_macs(B, Dv, D)
                + B * text_macs(config, L) + linear_macs(B, Dt, D) + linear_macs(B, D, B)
-               + 3 * B * (pair_macs(config, L) + itm_head_macs(config))
+               + 3 * B * (pair_macs(config, L, 1) + itm_head_macs(config))
                + B * mlm_macs(config, L, masked)
                + P * text_macs(config, prompt_len) + linear_macs(P, Dt, D) + linear_macs(B, D, P)  # IAC
-               + S * B * (pair_macs(config, prompt_len) + itm_head_macs(config))  # IAM
+               + S * B * (pair_macs(config, prompt_len, 1) + itm_head_macs(config))  # IAM
                + mam_rows * mlm_macs(config, prompt_len, masked))  # MAM
     return 3 * 2 * forward
 

@@ -375,8 +375,24 @@ class FusionLayer(nn.Module):
         self.intermediate = BertIntermediate(bert_cfg)
         self.output = BertOutput(bert_cfg)
 
-    def forward(self, hidden_states, attention_mask, image_kv):
-        hidden_states, _ = self.attention(hidden_states, attention_mask)
+    def forward(self, hidden_states, attention_mask, image_kv, positions=None):
+        """(B, L, Dt) -> (B, L, Dt); with positions (B, Q), those positions alone -> (B, Q, Dt) (ours, same values):
+        they are the only queries of the self-attention (keys and values still come from every token), and the
+        cross-attention and the FFN see only their rows. For the last layer, where ITM reads [CLS] alone and MLM
+        the masked positions."""
+        if positions is None:
+            hidden_states, _ = self.attention(hidden_states, attention_mask)
+        else:
+            attention = self.attention.self
+            B, L, Dt = hidden_states.shape
+            heads = lambda x: x.view(B, x.shape[1], attention.num_attention_heads, -1).transpose(1, 2)  # noqa: E731
+            rows = hidden_states.gather(1, positions[..., None].expand(-1, -1, Dt))  # (B, Q, Dt)
+            q = heads(attention.query(rows))  # (B, nH, Q, Dt/nH)
+            k, v = heads(attention.key(hidden_states)), heads(attention.value(hidden_states))  # (B, nH, L, Dt/nH)
+            dropout = attention.dropout.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout,
+                                                 scale=attention.scaling)  # (B, nH, Q, Dt/nH)
+            hidden_states = self.attention.output(out.transpose(1, 2).reshape(B, -1, Dt), rows)  # (B, Q, Dt)
         hidden_states = self.crossattention(hidden_states, image_kv)
         return self.output(self.intermediate(hidden_states), hidden_states)
 
@@ -475,29 +491,33 @@ class APTM(nn.Module):
         """
         return [layer.crossattention.self.key_value(image_embeds) for layer in self.fusion_layers]
 
-    def encode_cross(self, text_embeds, text_atts, image_embeds=None, image_kv=None):
+    def encode_cross(self, text_embeds, text_atts, image_embeds=None, image_kv=None, positions=None):
         """'fusion' mode: fusion layers on text_embeds (B, L, Dt) with image_embeds (B, N, Dv) or
-        image_kv from cross_kv -> (B, L, Dt). Position 0 is the fused [CLS] (spec §1.4)."""
+        image_kv from cross_kv -> (B, L, Dt). Position 0 is the fused [CLS] (spec §1.4). With positions (B, Q)
+        the last layer computes those alone -> (B, Q, Dt) (FusionLayer.forward; ours, same values)."""
         if image_kv is None:
             image_kv = self.cross_kv(image_embeds)
         mask = key_padding_mask(text_atts)  # (B, 1, 1, L)
         hidden_states = text_embeds
-        for layer, kv in zip(self.fusion_layers, image_kv):
-            hidden_states = run_layer(layer, self.checkpointing, hidden_states, mask, kv)
+        last = len(self.fusion_layers) - 1
+        for i, (layer, kv) in enumerate(zip(self.fusion_layers, image_kv)):
+            rows = positions if i == last else None
+            hidden_states = run_layer(layer, self.checkpointing, hidden_states, mask, kv, rows)
         return hidden_states
 
     def itm_logits(self, text_embeds, text_atts, image_embeds=None, image_kv=None):
-        """-> (B, 2) fp32 logits, index 1 = match (spec §2.3, §11)."""
-        cls = self.encode_cross(text_embeds, text_atts, image_embeds, image_kv)[:, 0]  # (B, Dt)
+        """-> (B, 2) fp32 logits, index 1 = match (spec §2.3, §11). The last fusion layer computes [CLS] alone."""
+        first = torch.zeros(text_embeds.shape[0], 1, dtype=torch.long, device=text_embeds.device)  # (B, 1)
+        cls = self.encode_cross(text_embeds, text_atts, image_embeds, image_kv, positions=first)[:, 0]  # (B, Dt)
         return self.itm_head(cls).float()
 
     def mlm_logits(self, input_ids, attention_mask, image_embeds, masked_pos, image_kv=None):
         """'multi_modal' mode: all layers from the embeddings on the masked ids, with the unmasked
-        caption's attention mask; logits at masked_pos (B, M) -> (B, M, V) fp32 (spec §2.4, §11)."""
+        caption's attention mask; logits at masked_pos (B, M) -> (B, M, V) fp32 (spec §2.4, §11). The last
+        fusion layer computes the masked positions alone."""
         hidden_states = self.encode_text(input_ids, attention_mask)  # (B, L, Dt)
-        hidden_states = self.encode_cross(hidden_states, attention_mask, image_embeds, image_kv)
-        index = masked_pos.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1])  # (B, M, Dt)
-        return self.text_encoder.cls(hidden_states.gather(1, index)).float()  # (B, M, V)
+        hidden_states = self.encode_cross(hidden_states, attention_mask, image_embeds, image_kv, masked_pos)  # (B,M,Dt)
+        return self.text_encoder.cls(hidden_states).float()  # (B, M, V)
 
     def image_feat(self, image_embeds):
         """(B, N, Dv) -> (B, D), not normalised (spec §11)."""

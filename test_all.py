@@ -459,6 +459,38 @@ def test_encode_cross_with_cached_kv_equals_plain_path():
     assert image_embeds.shape == (2, 1 + 6 * 2, SMALL.vision_width)
 
 
+def test_itm_and_mlm_logits_equal_the_full_fusion_pass_with_gradients():
+    """itm_logits and mlm_logits compute the last fusion layer at [CLS] / the masked positions only: same logits
+    and gradients as their heads on those rows of the whole pass (padded rows and a repeated position included),
+    with and without activation checkpointing."""
+    ids, atts = text_batch(SMALL)
+    masked_pos = torch.tensor([[1, 2], [3, 0], [0, 0]])  # (B, M)
+    index = masked_pos[..., None].expand(-1, -1, SMALL.hidden_size)
+    for checkpointing in (False, True):
+        results = []
+        for ours in (True, False):
+            model = small_model().train()
+            model.checkpointing = checkpointing
+            image_embeds = model.encode_image(images_for(SMALL))
+            text_embeds = model.encode_text(ids, atts)
+            if ours:
+                itm = model.itm_logits(text_embeds, atts, image_embeds)
+                mlm = model.mlm_logits(ids, atts, image_embeds, masked_pos)
+            else:
+                itm = model.itm_head(model.encode_cross(text_embeds, atts, image_embeds)[:, 0]).float()
+                hidden = model.encode_cross(model.encode_text(ids, atts), atts, image_embeds)
+                mlm = model.text_encoder.cls(hidden.gather(1, index)).float()
+            ((itm * torch.tensor([1.0, -2.0])).sum() + mlm.logsumexp(-1).sum()).backward()
+            grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+            results.append((itm.detach(), mlm.detach(), grads))
+        (itm, mlm, grads), (itm_full, mlm_full, grads_full) = results
+        torch.testing.assert_close(itm, itm_full)
+        torch.testing.assert_close(mlm, mlm_full)
+        assert grads.keys() == grads_full.keys()
+        for name in grads_full:
+            torch.testing.assert_close(grads[name], grads_full[name], msg=name)
+
+
 def test_mlm_logits_shape_and_gather():
     model = small_model().eval()
     ids, atts = text_batch(SMALL)
@@ -2140,6 +2172,11 @@ def test_flop_counter_by_hand():
     assert round(bench.text_macs(base, 56) / 1e9, 1) == 2.4
     assert round(bench.cross_macs(base, 56) / 1e9, 1) == 3.3
     assert bench.image_tokens(base) == 49
+    # ITM and MLM compute the last fusion layer at q positions only. One fusion layer, width 4, FFN 8, 3 tokens,
+    # N = 13 image tokens (keys/values given): self-attention keys/values 3·4·8, then per query row 4·4 (query)
+    # + 2·3·4 (QKᵀ, AV) + 4·4 (out) + 4·4 + 2·13·4 + 4·4 (cross: query, attention, out) + 4·8 + 8·4 (FFN)
+    config = replace(config, num_cross_layers=1)
+    assert [bench.pair_macs(config, 3, q) for q in (None, 3, 1)] == [96 + 256 * 3, 96 + 256 * 3, 96 + 256]
 
 
 # =====================================================================================================================
