@@ -52,7 +52,7 @@ FINETUNE_ATTRIBUTE_DATASETS = {"synthetic-attr": "synthetic", "pa100k": "pa100k"
 # Everything that differs between the CPU default and the paper (spec §5.4), beside the model sizes in
 # model.CONFIGS; None on the command line means "take the preset's value". Retrieval (E10-E12):
 PRESET_DEFAULTS = {
-    "tiny": dict(epochs=8, batch_size=48, lr=1e-3, erasing_p=0.0, randaugment=0, k_rerank=32, eval_batch_size=128,
+    "tiny": dict(epochs=10, batch_size=48, lr=1e-3, erasing_p=0.0, randaugment=0, k_rerank=32, eval_batch_size=128,
                  uniform_negatives=1.0, replay=6000),
     "aptm-base": dict(epochs=30, batch_size=120, lr=1e-4, erasing_p=0.6, randaugment=2, k_rerank=128,
                       eval_batch_size=150, uniform_negatives=0.0, replay=0),
@@ -83,7 +83,7 @@ def get_args(argv=None):
     parser.add_argument("--text-layers", type=int, help="with --bert and no --init: its first N layers are the text "
                         "encoder, the rest the fusion layers; default half (paper 6 of 12)")
     # optimisation (spec §5)
-    parser.add_argument("--epochs", type=int, help="paper 30; tiny 8 (retrieval), 5 (attributes)")
+    parser.add_argument("--epochs", type=int, help="paper 30; tiny 10 (retrieval), 5 (attributes)")
     parser.add_argument("--batch-size", type=int, help="per process; paper 120 (retrieval) and 200 (PA-100K) on "
                         "each of 4 GPUs; tiny 48")
     parser.add_argument("--lr", type=float, help="AdamW lr; paper 1e-4 (spec §5.1); tiny 1e-3 (retrieval)")

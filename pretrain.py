@@ -44,7 +44,7 @@ DEFAULT_WORKERS = 6 if torch.cuda.is_available() else 0
 # Everything that differs between the CPU default and the paper (spec §5.4), beside the model sizes in
 # model.CONFIGS; None on the command line means "take the preset's value".
 PRESET_DEFAULTS = {
-    "tiny": dict(epochs=3, batch_size=48, warmup_steps=50, lr=1e-3, erasing_p=0.0, randaugment=0, k_rerank=32,
+    "tiny": dict(epochs=4, batch_size=48, warmup_steps=50, lr=1e-3, erasing_p=0.0, randaugment=0, k_rerank=32,
                  eval_batch_size=128, uniform_negatives=1.0, label_smoothing=0.0),
     "aptm-base": dict(epochs=32, batch_size=150, warmup_steps=2600, lr=1e-4, erasing_p=0.6, randaugment=2,
                       k_rerank=128, eval_batch_size=150, uniform_negatives=0.0, label_smoothing=0.4),
@@ -78,7 +78,7 @@ def get_args(argv=None):
     parser.add_argument("--swin", help="swin_base_patch4_window7_224_22k.pth or a transformers SwinModel folder "
                         "(spec §1.2)")
     # optimisation (spec §5)
-    parser.add_argument("--epochs", type=int, help="paper 32; tiny 3 (1,500 steps over 24,000 synthetic images)")
+    parser.add_argument("--epochs", type=int, help="paper 32; tiny 4 (2,000 steps over 24,000 synthetic images)")
     parser.add_argument("--batch-size", type=int, help="per process; paper 150 on each of 4 GPUs; tiny 48")
     parser.add_argument("--lr", type=float, help="AdamW lr; paper 1e-4 (spec §5.1); tiny (from scratch) 1e-3")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="spec §5.1")
