@@ -189,11 +189,13 @@ def swin_macs(config):
     return macs
 
 
-def bert_layer_macs(config, length):
-    """One BERT self-attention + FFN layer on one sequence of `length` tokens."""
+def bert_layer_macs(config, length, queries=None):
+    """One BERT self-attention + FFN layer on one sequence of `length` tokens; with `queries`, only that many
+    positions are computed (their queries, attention rows and FFN; keys and values still on every token)."""
     Dt, Di = config.hidden_size, config.intermediate_size
-    return (linear_macs(length, Dt, 3 * Dt) + attention_macs(length, length, Dt) + linear_macs(length, Dt, Dt)
-            + linear_macs(length, Dt, Di) + linear_macs(length, Di, Dt))
+    q = length if queries is None else queries
+    return (linear_macs(q, Dt, Dt) + linear_macs(length, Dt, 2 * Dt) + attention_macs(q, length, Dt)
+            + linear_macs(q, Dt, Dt) + linear_macs(q, Dt, Di) + linear_macs(q, Di, Dt))
 
 
 def text_macs(config, length):
@@ -207,12 +209,18 @@ def image_tokens(config):
     return 1 + H * W
 
 
+def fusion_layer_macs(config, length, queries=None):
+    """One fusion layer on one pair, the image's keys/values given: bert_layer_macs plus the cross-attention's
+    query, attention and output on the computed positions."""
+    Dt, N = config.hidden_size, image_tokens(config)
+    q = length if queries is None else queries
+    return (bert_layer_macs(config, length, queries) + linear_macs(q, Dt, Dt) + attention_macs(q, N, Dt)
+            + linear_macs(q, Dt, Dt))
+
+
 def cross_macs(config, length):
     """Cross encoder ('fusion' mode) on one (text, image) pair, the image's keys/values projected for the pair."""
-    Dt, Dv, N = config.hidden_size, config.vision_width, image_tokens(config)
-    cross = (linear_macs(length, Dt, Dt) + linear_macs(N, Dv, 2 * Dt) + attention_macs(length, N, Dt)
-             + linear_macs(length, Dt, Dt))
-    return config.num_cross_layers * (bert_layer_macs(config, length) + cross)
+    return config.num_cross_layers * fusion_layer_macs(config, length) + kv_macs(config)
 
 
 def kv_macs(config):
@@ -222,19 +230,12 @@ def kv_macs(config):
 
 def pair_macs(config, length, queries=None):
     """Cross encoder on one pair whose image keys/values were projected once per image (cross_kv), as training
-    does: cross_macs without the projection. With `queries`, the last layer computes that many positions alone
-    (keys and values still on every token), as model.encode_cross(positions=...) does: ITM 1 ([CLS]), MLM the M
-    masked ones."""
-    macs = cross_macs(config, length) - kv_macs(config)
-    if queries is None or config.num_cross_layers == 0:
-        return macs
-    Dt, Di, N = config.hidden_size, config.intermediate_size, image_tokens(config)
-
-    def last_layer(q):  # self-attention (keys/values on every token), cross-attention (keys/values given), FFN
-        return (linear_macs(q, Dt, Dt) + linear_macs(length, Dt, 2 * Dt) + attention_macs(q, length, Dt)
-                + linear_macs(q, Dt, Dt) + linear_macs(q, Dt, Dt) + attention_macs(q, N, Dt) + linear_macs(q, Dt, Dt)
-                + linear_macs(q, Dt, Di) + linear_macs(q, Di, Dt))
-    return macs - last_layer(length) + last_layer(queries)
+    does. With `queries`, the last layer computes that many positions alone, as model.encode_cross(positions=...)
+    does: ITM 1 ([CLS]), MLM the M masked ones."""
+    if config.num_cross_layers == 0:
+        return 0
+    return ((config.num_cross_layers - 1) * fusion_layer_macs(config, length)
+            + fusion_layer_macs(config, length, queries))
 
 
 def itm_head_macs(config):

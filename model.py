@@ -384,7 +384,7 @@ class FusionLayer(nn.Module):
             hidden_states, _ = self.attention(hidden_states, attention_mask)
         else:
             attention = self.attention.self
-            B, L, Dt = hidden_states.shape
+            B, _, Dt = hidden_states.shape
             heads = lambda x: x.view(B, x.shape[1], attention.num_attention_heads, -1).transpose(1, 2)  # noqa: E731
             rows = hidden_states.gather(1, positions[..., None].expand(-1, -1, Dt))  # (B, Q, Dt)
             q = heads(attention.query(rows))  # (B, nH, Q, Dt/nH)
