@@ -35,8 +35,8 @@ import json
 import torch
 
 import losses
-from data import (NORMALIZATION, PROMPT_MASK_KEYS, ImageDataset, fail, join_prompt_rows, load_image,
-                  load_model_and_tokenizer, read_attributes, test_transform)
+from data import (NORMALIZATION, PROMPT_MASK_KEYS, ImageDataset, default_workers, fail, join_prompt_rows,
+                  load_image, load_model_and_tokenizer, read_attributes, test_transform)
 from model import autocast_for, take_kv
 from synthetic import synthetic_world
 
@@ -344,13 +344,14 @@ def encode_prompts(model, tokenizer, prompts, max_tokens):
 
 
 @torch.no_grad()
-def evaluate_attributes(model, tokenizer, entries, table, normalization, batch_size=128, workers=2):
+def evaluate_attributes(model, tokenizer, entries, table, normalization, batch_size=128, workers=None):
     """Predict every image's attributes (spec §3.3) and score them (spec §3.4, plus the pair-score AUC)
     → (metrics, per-attribute {"mA", "AUC"})."""
     device = next(model.parameters()).device
     model.eval()
     prompts = PROMPT_TABLES[table]
     dataset = ImageDataset([path for path, _ in entries], test_transform(model.config.image_size, normalization))
+    workers = default_workers(device) if workers is None else workers
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     scores = []
     with autocast_for(device):
@@ -412,8 +413,8 @@ def get_args(argv=None):
     parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="synthetic: train or test")
     parser.add_argument("--image", help="print the predicted attributes of this one image")
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch")
-    parser.add_argument("--workers", type=int, default=6 if torch.cuda.is_available() else 0,
-                        help="data-loader processes; 0 on a CPU (see pretrain.py)")
+    parser.add_argument("--workers", type=int, help="data-loader processes; default 6 on a GPU, 0 on a CPU "
+                        "(data.default_workers)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="write the metrics here")
     args = parser.parse_args(argv)

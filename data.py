@@ -839,6 +839,13 @@ def _read_pa100k_mat(path, split):
 # torch Datasets. Tokenising and masking run in __getitem__, i.e. in the DataLoader workers (spec §2.4).
 
 
+def default_workers(device):
+    """Data-loader processes when the command names none: on a GPU they decode, augment and mask while the GPU
+    computes (6); on a CPU they would take the cores the model's threads spin on (measured: 10-30x slower steps),
+    so there the main process loads the data itself (0)."""
+    return 6 if torch.device(device).type == "cuda" else 0
+
+
 def _fields(entry, keys):
     """An entry's fields in `keys` order, from a dict (read_mals) or a tuple (read_retrieval, read_attributes)."""
     return tuple(entry[k] for k in keys) if isinstance(entry, dict) else tuple(entry)

@@ -145,8 +145,7 @@ def encode_images(model, image_paths, device, image_size, normalization, batch_s
                   progress=True, dtype="auto"):
     """image_embeds (G, N, Dv) kept on `device` in the autocast dtype; image_feat (G, D) normalised fp32."""
     dataset = data.ImageDataset(image_paths, data.test_transform(image_size, normalization))
-    if num_workers is None:  # on a CPU, loader processes would take the cores the model's threads spin on
-        num_workers = 4 if torch.device(device).type == "cuda" else 0
+    num_workers = data.default_workers(device) if num_workers is None else num_workers
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         pin_memory=torch.device(device).type == "cuda")
     image_embeds, image_feat = [], []
@@ -371,7 +370,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="autocast dtype; auto: bfloat16 on a GPU, "
                         "float32 on a CPU; float32 for parity with the paper's numbers (the official evaluation)")
     parser.add_argument("--num-workers", type=int, default=None,
-                        help="image-loading processes (default: 4 on a GPU, 0 on a CPU)")
+                        help="image-loading processes (default: 6 on a GPU, 0 on a CPU)")
     parser.add_argument("--json", default=None, help="write the metrics here")
     # search
     parser.add_argument("--query", default=None, help="free text: search the gallery instead of evaluating")

@@ -40,7 +40,7 @@ from data import (NORMALIZATION, AttributeDataset, FinetuneDataset, PromptMaskin
 from evaluate import evaluate_retrieval
 from losses import EDA_WEIGHT, categorical_noise, finetune_objective, mlm_loss, pa100k_objective
 from model import APTM, CONFIGS, config_for_bert, load_bert
-from pretrain import (DEFAULT_WORKERS, RANDAUGMENT_HELP, UNIFORM_NEGATIVES_HELP, NonFiniteWatch, all_rng_states,
+from pretrain import (RANDAUGMENT_HELP, UNIFORM_NEGATIVES_HELP, NonFiniteWatch, all_rng_states,
                       autocast_setup, cleanup_distributed, encode_batch_images, fill_preset_defaults, get_lr,
                       make_optimizer, restore, resume_settings, retrieval_losses, run_loader, save_checkpoint,
                       schedule_steps, seed_everything, setup_distributed)
@@ -107,8 +107,8 @@ def get_args(argv=None):
     parser.add_argument("--out-dir", default="out/finetune")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                        help="data-loader processes (decode, augment, EDA, mask); 0 on a CPU (see pretrain.py)")
+    parser.add_argument("--workers", type=int, help="data-loader processes (decode, augment, EDA, mask); default 6 "
+                        "on a GPU, 0 on a CPU (data.default_workers)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every Swin block "
                         "and text/fusion layer: same gradients, less memory, ~1/3 more compute (our choice; off)")
     parser.add_argument("--seed", type=int, default=42, help="official: 42 + rank")

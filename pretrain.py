@@ -27,19 +27,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from attributes import MALS_PROMPTS, PromptStream, attribute_draws
-from data import (NORMALIZATION, PretrainDataset, PromptMasking, Tokenizer, device_images, fail, load_retrieval,
-                  read_checkpoint, read_mals, train_transform)
+from data import (NORMALIZATION, PretrainDataset, PromptMasking, Tokenizer, default_workers, device_images, fail,
+                  load_retrieval, read_checkpoint, read_mals, train_transform)
 from evaluate import evaluate_retrieval
 from losses import (APL_WEIGHT, categorical_noise, itc_loss, itm_loss, mlm_loss, pretrain_objective,
                     sample_hard_negatives)
 from model import (ADAMW_BETAS, ADAMW_EPS, APTM, CONFIGS, amp_dtype, config_for_bert, load_bert, load_swin,
                    optimizer_groups, take_kv)
 from synthetic import synthetic_world
-
-# Data-loader processes: on a GPU machine they decode, augment and mask while the GPU computes; on a CPU they
-# would take the cores the model's threads spin on (measured: 10-30x slower steps), so there the main process
-# loads the data itself.
-DEFAULT_WORKERS = 6 if torch.cuda.is_available() else 0
 
 # Everything that differs between the CPU default and the paper (spec §5.4), beside the model sizes in
 # model.CONFIGS; None on the command line means "take the preset's value".
@@ -98,8 +93,8 @@ def get_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bf16 autocast where the GPU supports it, else fp16 + GradScaler; fp32 on CPU")
-    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                        help="data-loader processes (decode, augment, mask); 0 on a CPU (see DEFAULT_WORKERS)")
+    parser.add_argument("--workers", type=int, help="data-loader processes (decode, augment, mask); default 6 on a "
+                        "GPU, 0 on a CPU (data.default_workers)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every Swin block "
                         "and text/fusion layer: same gradients, less memory, ~1/3 more compute (our choice; off)")
     parser.add_argument("--seed", type=int, default=42, help="official: 42 + rank")
@@ -112,10 +107,13 @@ def get_args(argv=None):
 
 
 def fill_preset_defaults(args, parser, preset):
-    """Take the settings the user did not give from the preset's row, and check the numbers."""
+    """Take the settings the user did not give from the preset's row (the loader processes from the device), and
+    check the numbers."""
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.workers is None:
+        args.workers = default_workers(args.device)
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1")

@@ -2077,6 +2077,17 @@ def test_finetune_replay_mixes_in_pretraining_images(world, tmp_path):
     assert error.value.code == 2
 
 
+def test_loader_workers_follow_the_device():
+    """One rule for every script's data-loader processes when the command names none: 0 on a CPU (they would take
+    the model's cores), 6 on a GPU; a number given on the command line is kept."""
+    for device, workers in (("cpu", 0), ("cuda", 6), ("cuda:1", 6)):
+        assert data.default_workers(device) == workers
+        assert pretrain.get_args(["--device", device]).workers == workers
+        assert finetune.get_args(["--device", device]).workers == workers
+    assert pretrain.get_args(["--device", "cuda", "--workers", "0"]).workers == 0
+    assert finetune.get_args(["--workers", "3"]).workers == 3
+
+
 def test_finetune_from_random_init_and_bad_init(world, tmp_path, capsys):
     finetune.main(run_args(world, tmp_path / "ft", "--max-steps", "2"))
     with pytest.raises(SystemExit) as error:
