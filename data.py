@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from model import build_from_checkpoint, fail, read_json  # fail: one `error: ...` line, exit 2 (model.py)
+from model import build_from_checkpoint, fail, read_json, read_torch_file  # fail: `error: ...`, exit 2 (model.py)
 
 # ----------------------------------------------------------------------------------------------------------
 # Failing clearly
@@ -47,10 +47,7 @@ def read_checkpoint(path):
     unreadable file. A checkpoint is a pickle: load only files you trust (ours hold RNG states, not only tensors)."""
     if not os.path.isfile(path):
         fail(f"{path}: no such checkpoint")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # a truncated or foreign file: name it, no traceback
-        fail(f"{path}: cannot be read as a torch checkpoint ({error.__class__.__name__}: {error})")
+    checkpoint = read_torch_file(path, "a torch checkpoint", weights_only=False)
     if not isinstance(checkpoint, dict):
         fail(f"{path}: not a checkpoint dict")
     return checkpoint

@@ -611,6 +611,19 @@ def read_json(path):
         fail(f"{path}: not valid JSON ({error})")
 
 
+def read_torch_file(path, what, weights_only=True):
+    """The tensors of a .safetensors file or what torch.load finds in any other, on the CPU; a truncated or foreign
+    file stops the run with one line naming it and `what` it should have been."""
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file  # installed with transformers
+
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as error:
+        fail(f"{path}: cannot be read as {what} ({error.__class__.__name__}: {str(error)[:200]})")
+
+
 def load_into(module, state_dict, what):
     """Strict load with one error line naming missing, unexpected and mis-shaped keys."""
     own = module.state_dict()
@@ -645,15 +658,7 @@ def read_folder_weights(folder):
     for name in WEIGHT_FILES:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            try:
-                if name.endswith(".safetensors"):
-                    from safetensors.torch import load_file  # installed with transformers
-
-                    state = load_file(path)
-                else:
-                    state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as error:  # a truncated or foreign file: name it, no traceback
-                fail(f"{path}: cannot be read as weights ({error.__class__.__name__}: {str(error)[:200]})")
+            state = read_torch_file(path, "weights")
             if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
                 fail(f"{path}: not a state dict of tensors")
             return path, state
@@ -836,10 +841,7 @@ def load_swin(model, path):
     else:
         if not os.path.isfile(path):
             fail(f"--swin {path}: no such file or folder")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # a truncated or foreign file: name it, no traceback
-            fail(f"{path}: cannot be read as Swin weights ({error.__class__.__name__}: {str(error)[:200]})")
+        state = read_torch_file(path, "Swin weights")
         state = state.get("model", state) if isinstance(state, dict) else None
         if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
             fail(f"{path}: not a Swin state dict (or {{'model': state dict}}) of tensors")

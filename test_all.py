@@ -2589,6 +2589,23 @@ def test_bad_swin_folders_fail_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "model.safetensors" in err
 
 
+def test_unreadable_weight_files_fail_in_one_line(tmp_path, capsys):
+    """A truncated checkpoint, Swin .pth or weights file stops the run with one line naming it, no traceback."""
+    source = tmp_path / "good.pt"
+    torch.save({"model": {"w": torch.zeros(3)}}, source)
+    truncated = source.read_bytes()[:40]
+    for name in ("ckpt.pt", "swin.pth", "model.safetensors", "pytorch_model.bin"):
+        (tmp_path / name).write_bytes(truncated)
+    for fragment, call, arg in (("cannot be read as a torch checkpoint", data.read_checkpoint, "ckpt.pt"),
+                                ("cannot be read as Swin weights", lambda p: load_swin(small_model(), p), "swin.pth"),
+                                ("cannot be read as weights", M.read_folder_weights, "")):
+        err = expect_exit(capsys, fragment, call, str(tmp_path / arg))
+        assert err.count("\n") == 1 and str(tmp_path / (arg or "model.safetensors")) in err
+    (tmp_path / "model.safetensors").unlink()  # the folder's next weights file
+    err = expect_exit(capsys, "cannot be read as weights", M.read_folder_weights, str(tmp_path))
+    assert "pytorch_model.bin" in err
+
+
 def test_official_checkpoint_of_a_small_size(bert48, tmp_path):
     """An official-format checkpoint (old text_encoder. prefix, buffers, yaml config naming its JSON files) of a
     small Swin and a 4-layer BERT rebuilds at its own size on evaluate.py --ckpt's path (spec §5.3, §8)."""
