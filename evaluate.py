@@ -369,8 +369,9 @@ def parse_args(argv=None):
     parser.add_argument("--pair-batch", type=int, default=1024, help="(query, image) pairs per ITM forward")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="autocast dtype; auto: bfloat16 on a GPU, "
                         "float32 on a CPU; float32 for parity with the paper's numbers (the official evaluation)")
-    parser.add_argument("--num-workers", type=int, default=None,
-                        help="image-loading processes (default: 6 on a GPU, 0 on a CPU)")
+    parser.add_argument("--workers", "--num-workers", dest="num_workers", type=int, default=None,
+                        help="image-loading processes (default: 6 on a GPU, 0 on a CPU); --num-workers is the "
+                        "older spelling")
     parser.add_argument("--json", default=None, help="write the metrics here")
     # search
     parser.add_argument("--query", default=None, help="free text: search the gallery instead of evaluating")
@@ -392,7 +393,7 @@ def parse_args(argv=None):
     if args.k_rerank < 1 or args.top < 1:
         data.fail("--k-rerank and --top must be ≥ 1")
     if min(args.batch_size, args.text_batch_size, args.pair_batch) < 1 or (args.num_workers or 0) < 0:
-        data.fail("batch sizes must be ≥ 1 and --num-workers ≥ 0")
+        data.fail("batch sizes must be ≥ 1 and --workers ≥ 0")
     if args.query is not None and args.query_index is not None:
         data.fail("give --query or --query-index, not both")
     search = args.query is not None or args.query_index is not None

@@ -1869,7 +1869,7 @@ def test_main_search_dataset_caption_marks_results(world_and_ckpt, tmp_path, cap
     from PIL import Image
     png = tmp_path / "search.png"
     evaluate.main(["--ckpt", world_and_ckpt["ckpt"], "--dataset", "cuhk", "--data-root", world_and_ckpt["cuhk"],
-                   "--query-index", "0", "--top", "3", "--num-workers", "0", "--out", str(png)])
+                   "--query-index", "0", "--top", "3", "--workers", "0", "--out", str(png)])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip().endswith(("right", "wrong"))]
     assert len(lines) == 3
     with Image.open(png) as image:
@@ -1888,6 +1888,8 @@ def test_main_search_free_text_over_a_folder(world_and_ckpt, tmp_path, capsys):
     (["--query", "a man", "--query-index", "0"], "not both"),
     (["--pid", "3"], "search mode"),
     (["--k-rerank", "0"], "≥ 1"),
+    (["--workers", "-1"], "--workers ≥ 0"),
+    (["--num-workers", "-1"], "--workers ≥ 0"),  # the older spelling of the same option
     (["--query-index", "0", "--pid", "3"], "free-text"),
     (["--images", "no/such/folder", "--query", "a man"], "not a folder"),
 ])
