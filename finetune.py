@@ -107,8 +107,8 @@ def get_args(argv=None):
     parser.add_argument("--out-dir", default="out/finetune")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--workers", type=int, help="data-loader processes (decode, augment, EDA, mask); default 6 "
-                        "on a GPU, 0 on a CPU (data.default_workers)")
+    parser.add_argument("--workers", type=int, help="data-loader processes (decode, augment, EDA, mask; and the "
+                        "validation's and test's images); default 6 on a GPU, 0 on a CPU (data.default_workers)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every Swin block "
                         "and text/fusion layer: same gradients, less memory, ~1/3 more compute (our choice; off)")
     parser.add_argument("--seed", type=int, default=42, help="official: 42 + rank")
@@ -204,7 +204,8 @@ def evaluate_split(args, model, tokenizer, split_data, device):
                                          args.eval_batch_size, args.workers)
         return metrics
     metrics = evaluate_retrieval(model, tokenizer, split_data, device, k_rerank=args.k_rerank,
-                                 normalization=NORMALIZATION[args.dataset], batch_size=args.eval_batch_size)
+                                 normalization=NORMALIZATION[args.dataset], batch_size=args.eval_batch_size,
+                                 num_workers=args.workers)
     return {k: metrics[k] for k in ("R1", "R5", "R10", "mAP", "mINP")}
 
 

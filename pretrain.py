@@ -93,8 +93,8 @@ def get_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bf16 autocast where the GPU supports it, else fp16 + GradScaler; fp32 on CPU")
-    parser.add_argument("--workers", type=int, help="data-loader processes (decode, augment, mask); default 6 on a "
-                        "GPU, 0 on a CPU (data.default_workers)")
+    parser.add_argument("--workers", type=int, help="data-loader processes (decode, augment, mask; and the "
+                        "validation's images); default 6 on a GPU, 0 on a CPU (data.default_workers)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every Swin block "
                         "and text/fusion layer: same gradients, less memory, ~1/3 more compute (our choice; off)")
     parser.add_argument("--seed", type=int, default=42, help="official: 42 + rank")
@@ -553,7 +553,7 @@ def main(argv=None):
         if epoch_done and master and valset is not None:
             metrics = evaluate_retrieval(model, tokenizer, valset, device, k_rerank=args.k_rerank,
                                          normalization=NORMALIZATION[args.val_dataset],
-                                         batch_size=args.eval_batch_size)
+                                         batch_size=args.eval_batch_size, num_workers=args.workers)
             metrics = {f"val_{k}": metrics[k] for k in ("R1", "R5", "R10", "mAP", "mINP")}
             is_best = best is None or metrics["val_R1"] > best
             best = metrics["val_R1"] if is_best else best

@@ -2090,6 +2090,22 @@ def test_loader_workers_follow_the_device():
     assert finetune.get_args(["--workers", "3"]).workers == 3
 
 
+def test_validation_loads_images_with_the_given_workers(world, tmp_path, monkeypatch):
+    """--workers reaches the retrieval evaluation of both training scripts, not only their training loader."""
+    seen = []
+
+    def record(*args, num_workers=None, **kwargs):
+        seen.append(num_workers)
+        return dict.fromkeys(("R1", "R5", "R10", "mAP", "mINP"), 0.0)
+
+    monkeypatch.setattr(pretrain, "evaluate_retrieval", record)
+    monkeypatch.setattr(finetune, "evaluate_retrieval", record)
+    pretrain.main(run_args(world, tmp_path, "--epochs", "1", "--workers", "1"))  # validation after the epoch
+    args = finetune.get_args(["--data-dir", world, "--workers", "3"])
+    finetune.evaluate_split(args, None, None, None, "cpu")
+    assert seen == [1, 3]
+
+
 def test_finetune_from_random_init_and_bad_init(world, tmp_path, capsys):
     finetune.main(run_args(world, tmp_path / "ft", "--max-steps", "2"))
     with pytest.raises(SystemExit) as error:
