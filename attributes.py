@@ -420,6 +420,8 @@ def get_args(argv=None):
     args = parser.parse_args(argv)
     if args.dataset == "pa100k" and not args.data_root and not args.image:
         parser.error("--dataset pa100k needs --data-root")
+    if args.batch_size < 1 or (args.workers or 0) < 0:
+        parser.error("--batch-size must be at least 1 and --workers at least 0")
     return args
 
 

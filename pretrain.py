@@ -114,11 +114,19 @@ def fill_preset_defaults(args, parser, preset):
             setattr(args, key, value)
     if args.workers is None:
         args.workers = default_workers(args.device)
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        if getattr(args, key) < 1:
-            parser.error(f"--{key.replace('_', '-')} must be at least 1")
-    if args.uniform_negatives is not None and not 0 <= args.uniform_negatives <= 1:
-        parser.error("--uniform-negatives is a fraction in [0, 1]")
+    rules = (  # (settings, test, what each must be); `not v >= 0` also refuses a nan
+        (("epochs", "batch_size", "eval_batch_size", "k_rerank", "log_every", "max_steps"), lambda v: v >= 1,
+         "at least 1"),
+        (("lr", "weight_decay", "warmup_steps", "beta", "eda_weight", "grad_clip", "randaugment", "workers"),
+         lambda v: v >= 0, "at least 0"),
+        (("uniform_negatives", "erasing_p"), lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+        (("label_smoothing",), lambda v: 0 <= v < 1, "ε in [0, 1) (spec §2.8)"),
+    )
+    for keys, ok, what in rules:
+        for key in keys:
+            value = getattr(args, key, None)
+            if value is not None and not ok(value):
+                parser.error(f"--{key.replace('_', '-')} must be {what}")
     if args.batch_size < 2:
         parser.error("--batch-size must be at least 2: ITM needs an in-batch negative (spec §2.3)")
     return args

@@ -2079,6 +2079,27 @@ def test_finetune_replay_mixes_in_pretraining_images(world, tmp_path):
     assert error.value.code == 2
 
 
+@pytest.mark.parametrize("get_args, extra, message", [
+    (pretrain.get_args, ["--max-steps", "0"], "--max-steps must be at least 1"),  # it wrote no checkpoint, said one
+    (pretrain.get_args, ["--log-every", "0"], "--log-every must be at least 1"),  # ZeroDivisionError in the loop
+    (pretrain.get_args, ["--workers", "-1"], "--workers must be at least 0"),  # the DataLoader's ValueError
+    (pretrain.get_args, ["--lr", "nan"], "--lr must be at least 0"),  # AdamW's ValueError
+    (pretrain.get_args, ["--warmup-steps", "-5"], "--warmup-steps must be at least 0"),
+    (pretrain.get_args, ["--label-smoothing", "1"], "--label-smoothing must be ε in [0, 1)"),
+    (pretrain.get_args, ["--uniform-negatives", "1.5"], "--uniform-negatives must be a fraction in [0, 1]"),
+    (finetune.get_args, ["--k-rerank", "0"], "--k-rerank must be at least 1"),  # torch.amin's IndexError at validation
+    (finetune.get_args, ["--erasing-p", "2"], "--erasing-p must be a fraction in [0, 1]"),
+    (finetune.get_args, ["--dataset", "synthetic-attr", "--eda-weight", "-1"], "--eda-weight must be at least 0"),
+    (attributes.get_args, ["--ckpt", "x.pt", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (attributes.get_args, ["--ckpt", "x.pt", "--workers", "-1"], "--workers at least 0"),
+])
+def test_training_scripts_refuse_bad_numbers(capsys, get_args, extra, message):
+    """A setting out of its range stops at the command line with exit 2 and its name, not in the run."""
+    with pytest.raises(SystemExit) as error:
+        get_args(extra)
+    assert error.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_loader_workers_follow_the_device():
     """One rule for every script's data-loader processes when the command names none: 0 on a CPU (they would take
     the model's cores), 6 on a GPU; a number given on the command line is kept."""
