@@ -496,6 +496,10 @@ def make_synthetic(root="data/synthetic", seed=0, verbose=False, workers=None, *
         with open(paths["info"]) as f:
             if json.load(f).get("settings") == settings:
                 return paths
+    elif os.path.exists(root) and not (os.path.isdir(root) and not os.listdir(root)):
+        # only a world (or an empty folder) is ever replaced below: anything else there is the user's
+        fail(f"{root} exists and is not a synthetic world (it has no {_MARKER}); pass another folder "
+             "(--data-dir, --root) or move it away")
     start = time.time()
     tmp = f"{root.rstrip(os.sep)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -571,7 +575,7 @@ def make_synthetic(root="data/synthetic", seed=0, verbose=False, workers=None, *
     seconds = round(time.time() - start, 1)
     with open(os.path.join(tmp, _MARKER), "w") as f:
         json.dump({"settings": settings, "stats": stats, "seconds": seconds}, f, indent=1)
-    if os.path.exists(root):  # a world with other settings: replace it
+    if os.path.exists(root):  # a world with other settings, or an empty folder: replace it
         old = f"{root.rstrip(os.sep)}.old-{os.getpid()}"
         os.rename(root, old)
         shutil.rmtree(old)

@@ -1478,6 +1478,23 @@ def test_synthetic_world_deterministic_idempotent_and_readable(tmp_path):
     assert open(c["cuhk_raw"]).read() != open(b["cuhk_raw"]).read()
 
 
+def test_synthetic_world_never_replaces_what_is_not_a_world(tmp_path, capsys):
+    """Only a world of other settings (or an empty folder) is replaced; a user's folder or file given as the
+    world's root stays as it was (it was renamed and deleted once the new world was made)."""
+    folder, file = tmp_path / "mine", tmp_path / "notes.txt"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("keep")
+    file.write_text("keep")
+    for root in (folder, file):
+        with pytest.raises(SystemExit) as error:
+            synthetic.make_synthetic(str(root), workers=1, **TINY)
+        assert error.value.code == 2 and f"{root} exists and is not a synthetic world" in capsys.readouterr().err
+    assert (folder / "thesis.txt").read_text() == "keep" and file.read_text() == "keep"
+    assert sorted(os.listdir(tmp_path)) == ["mine", "notes.txt"]  # nothing half-made beside them
+    (tmp_path / "empty").mkdir()
+    assert os.path.isfile(synthetic.make_synthetic(str(tmp_path / "empty"), workers=1, **TINY)["info"])
+
+
 def test_synthetic_labels_follow_caption_words():
     rng = np.random.default_rng(0)
     silent = 0
