@@ -210,7 +210,7 @@ def evaluate_split(args, model, tokenizer, split_data, device):
 
 
 def main(argv=None):
-    args, resume = resume_settings(get_args(argv))
+    args, resume = resume_settings(get_args(argv), "finetune")
     rank, world_size, device = setup_distributed(args.device)
     master = rank == 0
     seed_everything(args.seed + rank)

@@ -137,13 +137,21 @@ def fill_preset_defaults(args, parser, preset):
 # sampler, the schedule, the optimizer, RNG states, checkpoints. Each has a trap in it, so it is written once.
 
 
-def resume_settings(args):
+def resume_settings(args, script):
     """(args, checkpoint): without --resume, the command's settings and None; with it, the run's saved settings
     (all but --max-steps and --resume, which come from the command; a setting newer than the checkpoint keeps the
-    command's value) and the checkpoint to continue from."""
+    command's value) and the checkpoint to continue from, which `script` ("pretrain" or "finetune") must have
+    written."""
     if not args.resume:
         return args, None
     checkpoint = read_checkpoint(args.resume)
+    if "args" not in checkpoint or "optimizer" not in checkpoint:
+        fail(f"{args.resume}: no training state to resume (an official or weights-only checkpoint?); "
+             "fine-tune from its weights with finetune.py --init")
+    writer = "finetune" if "init" in checkpoint["args"] else "pretrain"  # only finetune.py has --init
+    if writer != script:
+        fail(f"{args.resume} is a {writer}.py checkpoint: resume it with {writer}.py"
+             + (", or fine-tune from its weights with --init" if script == "finetune" else ""))
     saved = {**vars(args), **checkpoint["args"], "max_steps": args.max_steps, "resume": args.resume}
     return argparse.Namespace(**saved), checkpoint
 
@@ -449,7 +457,7 @@ class PretrainObjective(torch.nn.Module):
 
 
 def main(argv=None):
-    args, resume = resume_settings(get_args(argv))
+    args, resume = resume_settings(get_args(argv), "pretrain")
     rank, world_size, device = setup_distributed(args.device)
     master = rank == 0
     seed_everything(args.seed + rank)

@@ -2045,6 +2045,24 @@ def test_finetune_exact_resume(world, tmp_path, one_thread):
     run_split_and_resume(finetune.main, world, tmp_path, 2, "--k-rerank", "4")
 
 
+def test_resume_refuses_the_other_scripts_checkpoint(tmp_path, capsys):
+    """--resume continues only a run of the same script (the optimizer groups differ: load_state_dict raised
+    mid-set-up) and only a checkpoint with training state (not an official or weights-only one)."""
+    made = {"pretrain": vars(pretrain.get_args([])), "finetune": vars(finetune.get_args([]))}
+    for writer, settings in made.items():
+        torch.save(dict(args=settings, optimizer={}), tmp_path / f"{writer}.pt")
+    torch.save(dict(model={}, config={}), tmp_path / "weights.pt")
+    for script, other in ((pretrain, "finetune"), (finetune, "pretrain")):
+        name = script.__name__
+        args, _ = script.resume_settings(script.get_args(["--resume", str(tmp_path / f"{name}.pt")]), name)
+        assert args.resume == str(tmp_path / f"{name}.pt")
+        for path, message in ((tmp_path / f"{other}.pt", f"is a {other}.py checkpoint: resume it with {other}.py"),
+                              (tmp_path / "weights.pt", "no training state to resume")):
+            with pytest.raises(SystemExit) as error:
+                script.resume_settings(script.get_args(["--resume", str(path)]), name)
+            assert error.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_uniform_negatives_for_the_first_part_of_the_run(world, tmp_path, monkeypatch):
     """--uniform-negatives 0.5: ITM negatives are uniform for the first half of the steps, hard after."""
     seen = []
