@@ -40,7 +40,7 @@ from data import (NORMALIZATION, AttributeDataset, FinetuneDataset, PromptMaskin
 from evaluate import evaluate_retrieval
 from losses import EDA_WEIGHT, categorical_noise, finetune_objective, mlm_loss, pa100k_objective
 from model import APTM, CONFIGS, config_for_bert, load_bert
-from pretrain import (RANDAUGMENT_HELP, UNIFORM_NEGATIVES_HELP, NonFiniteWatch, all_rng_states,
+from pretrain import (RANDAUGMENT_HELP, UNIFORM_NEGATIVES_HELP, NonFiniteWatch, StopOnSignal, all_rng_states,
                       autocast_setup, cleanup_distributed, encode_batch_images, fill_preset_defaults, get_lr,
                       make_optimizer, restore, resume_settings, retrieval_losses, run_loader, save_checkpoint,
                       schedule_steps, seed_everything, setup_distributed)
@@ -282,7 +282,8 @@ def main(argv=None):
     # one loader for the whole run: its workers persist across epochs and prefetch (run_loader)
     loader, sampler = run_loader(dataset, args.batch_size, args.seed, rank, world_size, args.workers, device)
     watch = NonFiniteWatch(device)
-    while step < last_step:
+    stop, stopping = StopOnSignal(), False  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
+    while step < last_step and not stopping:
         # one epoch's batches, from where a resumed run stopped; each sample's augmentation is seeded by
         # (seed, epoch, index), so it is the same with any number of workers
         epoch, start = divmod(step, per_epoch)
@@ -313,9 +314,10 @@ def main(argv=None):
             # ---------------- TRAINING STEP END ----------------
             # log: every term, the lr and the throughput, on screen and in log.jsonl
             pairs_since_log += len(batch["image"]) * world_size
-            if step % args.log_every == 0 or step == last_step:
+            log_step = step % args.log_every == 0 or step == last_step
+            if log_step:
                 watch.check()  # every rank: stop, naming the first step with a non-finite loss and its terms
-            if master and (step % args.log_every == 0 or step == last_step):
+            if master and log_step:
                 record = dict(step=step, epoch=epoch, lr=args.lr * lr_factor,
                               **{k: round(v.item(), 4) for k, v in terms.items()},
                               pairs_per_s=round(pairs_since_log / (time.time() - t_log), 1))
@@ -323,7 +325,8 @@ def main(argv=None):
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 t_log, pairs_since_log = time.time(), 0
-            if step == last_step:
+            stopping = stop.requested(log_step, world_size, device)
+            if step == last_step or stopping:
                 break
         # evaluate: the validation split after each whole epoch; the best R1 (retrieval) or mA (attributes) is kept
         watch.check()  # no evaluation or checkpoint of weights that a non-finite loss has reached
@@ -335,7 +338,8 @@ def main(argv=None):
             tqdm.write(f"epoch {epoch} | " + " | ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
             log_file.write(json.dumps(dict(step=step, epoch=epoch, **metrics)) + "\n")
             log_file.flush()
-        # checkpoint: after each epoch and at --max-steps; best.pt for the best epoch, with its value
+        # checkpoint: after each epoch, at --max-steps and on a stop signal; best.pt for the best epoch, with its
+        # value
         if world_size > 1:
             dist.barrier()
         rng = all_rng_states(generator, world_size)
@@ -347,11 +351,13 @@ def main(argv=None):
             if is_best:
                 save_checkpoint(os.path.join(args.out_dir, "best.pt"), checkpoint)
 
-    # test once, with the best epoch's weights (the last epoch's without a validation split, or when --max-steps
-    # ended the run before an epoch did)
-    test = None
+    stop.restore()
     if master:
         log_file.close()
+    # test once, with the best epoch's weights (the last epoch's without a validation split, or when --max-steps
+    # ended the run before an epoch did); not after a stop signal
+    test = None
+    if master and not stopping:
         minutes = (time.time() - t0) / 60
         chosen = os.path.join(args.out_dir, "best.pt")
         if valset is None or not os.path.isfile(chosen):
@@ -367,6 +373,8 @@ def main(argv=None):
             json.dump(dict(checkpoint=chosen, test=test), f, indent=1)
     del wrapped  # before the process group goes (cleanup_distributed)
     cleanup_distributed()
+    if stopping:
+        stop.exit("finetune", args.out_dir, master)
     return test
 
 

@@ -16,6 +16,8 @@ import argparse
 import json
 import os
 import random
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
@@ -308,6 +310,44 @@ class NonFiniteWatch:
             fail(f"non-finite loss at step {step}: {values} (lower --lr, or try --dtype float32)")
 
 
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM while training: the step in flight finishes, the checkpoint is
+    written and the run stops with status 128 + the signal's number, to continue with --resume; a second signal
+    acts at once, as it would have. One process reads the request after every step; under DDP the ranks agree on
+    it at log steps (one all_reduce), so that all stop after the same step. Outside the main thread, where Python
+    sets no handlers, it does nothing."""
+
+    def __init__(self):
+        self.signal, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self.note) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def note(self, signum, frame):
+        self.signal = signal.Signals(signum)
+        self.restore()
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self, log_step, world_size, device):
+        if world_size == 1:
+            return self.signal is not None
+        if not log_step:
+            return False
+        flag = torch.tensor(float(self.signal is not None), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+
+    def exit(self, script, out_dir, master):
+        """After the checkpoint: say how to continue, and stop with the signal's status."""
+        if master:
+            path = os.path.join(out_dir, "ckpt.pt")
+            print(f"stopped by {self.signal.name if self.signal else 'a signal to another rank'}; continue with "
+                  f"{script}.py --resume {path}")
+        raise SystemExit(128 + int(self.signal or signal.SIGTERM))
+
+
 def schedule_steps(num_samples, batch_size, world_size, epochs):
     """(steps per epoch, T). Each epoch runs ⌊N/(B·W)⌋ steps: the loader drops the last incomplete batch, as the
     official loader does (drop_last), so that every batch is whole on every rank (ITC gathers equal shares and ITM
@@ -520,7 +560,8 @@ def main(argv=None):
     # one loader for the whole run: its workers persist across epochs and prefetch (run_loader)
     loader, sampler = run_loader(dataset, args.batch_size, args.seed, rank, world_size, args.workers, device)
     watch = NonFiniteWatch(device)
-    while step < last_step:
+    stop, stopping = StopOnSignal(), False  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
+    while step < last_step and not stopping:
         # one epoch's batches, from where a resumed run stopped; each sample's augmentation is seeded by
         # (seed, epoch, index), so it is the same with any number of workers
         epoch, start = divmod(step, per_epoch)
@@ -551,9 +592,10 @@ def main(argv=None):
             # ---------------- TRAINING STEP END ----------------
             # log: every term, the lr and the throughput, on screen and in log.jsonl
             pairs_since_log += len(batch["image"]) * world_size
-            if step % args.log_every == 0 or step == last_step:
+            log_step = step % args.log_every == 0 or step == last_step
+            if log_step:
                 watch.check()  # every rank: stop, naming the first step with a non-finite loss and its terms
-            if master and (step % args.log_every == 0 or step == last_step):
+            if master and log_step:
                 record = dict(step=step, epoch=epoch, lr=args.lr * lr_factor,
                               **{k: round(v.item(), 4) for k, v in terms.items()},
                               pairs_per_s=round(pairs_since_log / (time.time() - t_log), 1))
@@ -561,7 +603,8 @@ def main(argv=None):
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 t_log, pairs_since_log = time.time(), 0
-            if step == last_step:
+            stopping = stop.requested(log_step, world_size, device)
+            if step == last_step or stopping:
                 break
         # evaluate: zero-shot retrieval on the validation split after each whole epoch; the best R1 is kept
         watch.check()  # no evaluation or checkpoint of weights that a non-finite loss has reached
@@ -576,7 +619,8 @@ def main(argv=None):
             tqdm.write(f"epoch {epoch} | " + " | ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
             log_file.write(json.dumps(dict(step=step, epoch=epoch, **metrics)) + "\n")
             log_file.flush()
-        # checkpoint: after each epoch and at --max-steps; best.pt for the best epoch, with its value
+        # checkpoint: after each epoch, at --max-steps and on a stop signal; best.pt for the best epoch, with its
+        # value
         if world_size > 1:
             dist.barrier()
         rng = all_rng_states(generator, world_size)
@@ -587,11 +631,14 @@ def main(argv=None):
             save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), checkpoint)
             if is_best:
                 save_checkpoint(os.path.join(args.out_dir, "best.pt"), checkpoint)
+    stop.restore()
     if master:
         log_file.close()
         print(f"done in {time.time() - t0:.0f} s; checkpoint: {os.path.join(args.out_dir, 'ckpt.pt')}")
     del wrapped  # before the process group goes (cleanup_distributed)
     cleanup_distributed()
+    if stopping:
+        stop.exit("pretrain", args.out_dir, master)
 
 
 if __name__ == "__main__":

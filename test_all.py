@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import random
+import signal
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -2043,6 +2044,32 @@ def test_pretrain_smoke_and_exact_resume(world, tmp_path, one_thread):
 def test_finetune_exact_resume(world, tmp_path, one_thread):
     """finetune.py writes its own loop: there too N steps in one go equal N/2 steps + --resume + N/2 steps."""
     run_split_and_resume(finetune.main, world, tmp_path, 2, "--k-rerank", "4")
+
+
+@pytest.mark.parametrize("script, extra", [(pretrain, ["--val-dataset", "none"]), (finetune, ["--k-rerank", "4"])])
+def test_stop_signal_checkpoints_then_resume_ends_as_a_straight_run(world, tmp_path, monkeypatch, one_thread,
+                                                                    script, extra):
+    """Ctrl-C (SIGINT) mid-run: the step in flight finishes, ckpt.pt is written and main stops with status 130
+    (no test evaluation); --resume then ends where a straight run ends, weight for weight (DESIGN §6)."""
+    script.main(run_args(world, tmp_path / "a", "--max-steps", "5", *extra))
+    real, handler = script.get_lr, signal.getsignal(signal.SIGINT)
+
+    def interrupt_at_step_2(step, *args):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(step, *args)
+
+    monkeypatch.setattr(script, "get_lr", interrupt_at_step_2)
+    with pytest.raises(SystemExit) as stopped:
+        script.main(run_args(world, tmp_path / "b", "--max-steps", "5", *extra))
+    assert stopped.value.code == 130 and signal.getsignal(signal.SIGINT) is handler
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 3
+    assert not (tmp_path / "b" / "results.json").exists()
+    monkeypatch.setattr(script, "get_lr", real)
+    script.main(["--resume", str(tmp_path / "b" / "ckpt.pt"), "--max-steps", "5"])
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(value, b[key]) for key, value in a.items())
 
 
 def test_resume_refuses_the_other_scripts_checkpoint(tmp_path, capsys):
