@@ -320,7 +320,9 @@ class StopOnSignal:
     def __init__(self):
         self.signal, self.previous = None, {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = {sig: signal.signal(sig, self.note) for sig in (signal.SIGINT, signal.SIGTERM)}
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # ignored from the start (`cmd &`): stays so
+                    self.previous[sig] = signal.signal(sig, self.note)
 
     def note(self, signum, frame):
         self.signal = signal.Signals(signum)

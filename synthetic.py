@@ -539,12 +539,16 @@ def make_synthetic(root="data/synthetic", seed=0, verbose=False, workers=None, *
             records.append(("attr", rel, identity_label(identity), split))
 
     workers = workers or min(8, os.cpu_count() or 1)
-    if workers > 1:
-        import multiprocessing
-        with multiprocessing.Pool(workers) as pool:
-            captions = pool.map(_render_job, jobs, chunksize=64)
-    else:
-        captions = [_render_job(job) for job in jobs]
+    try:
+        if workers > 1:
+            import multiprocessing
+            with multiprocessing.Pool(workers) as pool:
+                captions = pool.map(_render_job, jobs, chunksize=64)
+        else:
+            captions = [_render_job(job) for job in jobs]
+    except BaseException:  # Ctrl-C while rendering (most of the time here): leave no half-made folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
     mals, raw, attrs = [], [], {"train": [], "test": []}
     for (kind, rel, key, split), texts in zip(records, captions):

@@ -1496,6 +1496,23 @@ def test_synthetic_world_never_replaces_what_is_not_a_world(tmp_path, capsys):
     assert os.path.isfile(synthetic.make_synthetic(str(tmp_path / "empty"), workers=1, **TINY)["info"])
 
 
+def test_synthetic_world_interrupted_leaves_nothing(tmp_path, monkeypatch):
+    """Ctrl-C while the images render: no world and no half-made temporary folder stay behind (one was left,
+    up to the world's 216 MB)."""
+    real, rendered = synthetic._render_job, []
+
+    def interrupt_at_the_third(job):
+        if len(rendered) == 2:
+            raise KeyboardInterrupt
+        rendered.append(job)
+        return real(job)
+
+    monkeypatch.setattr(synthetic, "_render_job", interrupt_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.make_synthetic(str(tmp_path / "world"), workers=1, **TINY)
+    assert os.listdir(tmp_path) == []
+
+
 def test_synthetic_labels_follow_caption_words():
     rng = np.random.default_rng(0)
     silent = 0
@@ -2070,6 +2087,20 @@ def test_stop_signal_checkpoints_then_resume_ends_as_a_straight_run(world, tmp_p
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.equal(value, b[key]) for key, value in a.items())
+
+
+def test_stop_signal_leaves_an_ignored_signal_ignored():
+    """A run started with SIGINT ignored (`python pretrain.py &` in a script) keeps it ignored, as Python does;
+    SIGTERM is caught, and restore() gives both back."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.getsignal(signal.SIGTERM)
+    try:
+        stop = pretrain.StopOnSignal()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == stop.note
+        stop.restore()
+        assert signal.getsignal(signal.SIGTERM) is before[1]
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
 
 
 def test_resume_refuses_the_other_scripts_checkpoint(tmp_path, capsys):
