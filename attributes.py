@@ -35,7 +35,7 @@ import json
 import torch
 
 import losses
-from data import (NORMALIZATION, PROMPT_MASK_KEYS, ImageDataset, default_workers, fail, join_prompt_rows,
+from data import (NORMALIZATION, PROMPT_MASK_KEYS, ImageDataset, Loader, default_workers, fail, join_prompt_rows,
                   load_image, load_model_and_tokenizer, read_attributes, test_transform)
 from model import autocast_for, take_kv
 from synthetic import synthetic_world
@@ -352,7 +352,7 @@ def evaluate_attributes(model, tokenizer, entries, table, normalization, batch_s
     prompts = PROMPT_TABLES[table]
     dataset = ImageDataset([path for path, _ in entries], test_transform(model.config.image_size, normalization))
     workers = default_workers(device) if workers is None else workers
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    loader = Loader(dataset, batch_size=batch_size, num_workers=workers)
     scores = []
     with autocast_for(device):
         prompt_embeds, prompt_atts = encode_prompts(model, tokenizer, prompts, PROMPT_MAX_TOKENS[table])

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from model import build_from_checkpoint, fail, read_json, read_torch_file  # fail: `error: ...`, exit 2 (model.py)
+from model import BadInput, build_from_checkpoint, fail, read_json, read_torch_file  # fail: `error: ...`, exit 2
 
 # ----------------------------------------------------------------------------------------------------------
 # Failing clearly
@@ -841,6 +841,17 @@ def default_workers(device):
     computes (6); on a CPU they would take the cores the model's threads spin on (measured: 10-30x slower steps),
     so there the main process loads the data itself (0)."""
     return 6 if torch.device(device).type == "cuda" else 0
+
+
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader that stops on bad input met in its worker processes as the main process does (model.fail):
+    the worker has printed the `error: ...` line, and the run ends with status 2, without a traceback."""
+
+    def __iter__(self):
+        try:
+            yield from super().__iter__()
+        except BadInput:
+            raise SystemExit(2) from None
 
 
 def _fields(entry, keys):

@@ -38,7 +38,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
@@ -146,8 +145,8 @@ def encode_images(model, image_paths, device, image_size, normalization, batch_s
     """image_embeds (G, N, Dv) kept on `device` in the autocast dtype; image_feat (G, D) normalised fp32."""
     dataset = data.ImageDataset(image_paths, data.test_transform(image_size, normalization))
     num_workers = data.default_workers(device) if num_workers is None else num_workers
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=torch.device(device).type == "cuda")
+    loader = data.Loader(dataset, batch_size=batch_size, num_workers=num_workers,
+                         pin_memory=torch.device(device).type == "cuda")
     image_embeds, image_feat = [], []
     for batch in tqdm(loader, desc="images", disable=not progress, leave=False):
         with autocast_for(device, dtype):

@@ -595,10 +595,17 @@ def autocast_for(device, dtype="auto"):
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what transformers' save_pretrained writes
 
 
+class BadInput(Exception):
+    """`fail` in a data-loader worker process, where SystemExit would end only the worker (and the main process
+    would stop with the DataLoader's traceback): the DataLoader carries this one over, and data.Loader exits."""
+
+
 def fail(message):
     """Print `error: <message>` to stderr and exit with status 2 (bad input, never a traceback). It lives here,
     in the file every other imports (data.py too), so that the loaders below can use it."""
     print(f"error: {message}", file=sys.stderr)
+    if torch.utils.data.get_worker_info() is not None:
+        raise BadInput(message)
     raise SystemExit(2)
 
 

@@ -29,8 +29,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from attributes import MALS_PROMPTS, PromptStream, attribute_draws
-from data import (NORMALIZATION, PretrainDataset, PromptMasking, Tokenizer, default_workers, device_images, fail,
-                  load_retrieval, read_checkpoint, read_mals, train_transform)
+from data import (NORMALIZATION, Loader, PretrainDataset, PromptMasking, Tokenizer, default_workers, device_images,
+                  fail, load_retrieval, read_checkpoint, read_mals, train_transform)
 from evaluate import evaluate_retrieval
 from losses import (APL_WEIGHT, categorical_noise, itc_loss, itm_loss, mlm_loss, pretrain_objective,
                     sample_hard_negatives)
@@ -279,10 +279,9 @@ def run_loader(dataset, batch_size, seed, rank, world_size, workers, device):
     """(loader, sampler) for the whole run: persistent workers that prefetch, pinned memory on a GPU. Call
     sampler.set(epoch, start) before iterating the loader for an epoch."""
     sampler = RunBatches(len(dataset), batch_size, seed, rank, world_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                         prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
-                                         generator=torch.Generator())
+    loader = Loader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                    persistent_workers=workers > 0, prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
+                    generator=torch.Generator())
     return loader, sampler
 
 

@@ -2721,6 +2721,19 @@ def test_bad_swin_folders_fail_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "model.safetensors" in err
 
 
+def test_bad_image_in_a_loader_worker_fails_as_in_the_main_process(tmp_path, capfd):
+    """A corrupt image met in a data-loader worker ends the run with its one error line and exit 2, as with no
+    workers (it ended with the DataLoader's "worker exited unexpectedly" traceback, exit 1)."""
+    good, bad = tmp_path / "good.jpg", tmp_path / "bad.jpg"
+    Image.new("RGB", (16, 48)).save(good)
+    bad.write_text("junk")
+    dataset = data.ImageDataset([str(good), str(bad)], data.test_transform((48, 16), data.NORMALIZATION["synthetic"]))
+    for workers in (0, 1):
+        with pytest.raises(SystemExit) as error:
+            list(data.Loader(dataset, batch_size=1, num_workers=workers))
+        assert error.value.code == 2 and f"error: {bad}: cannot read the image" in capfd.readouterr().err
+
+
 def test_unreadable_weight_files_fail_in_one_line(tmp_path, capsys):
     """A truncated checkpoint, Swin .pth or weights file stops the run with one line naming it, no traceback."""
     source = tmp_path / "good.pt"
