@@ -42,8 +42,8 @@ from losses import EDA_WEIGHT, categorical_noise, finetune_objective, mlm_loss, 
 from model import APTM, CONFIGS, config_for_bert, load_bert
 from pretrain import (RANDAUGMENT_HELP, UNIFORM_NEGATIVES_HELP, NonFiniteWatch, StopOnSignal, all_rng_states,
                       autocast_setup, cleanup_distributed, encode_batch_images, fill_preset_defaults, get_lr,
-                      make_optimizer, restore, resume_settings, retrieval_losses, run_loader, save_checkpoint,
-                      schedule_steps, seed_everything, setup_distributed)
+                      make_optimizer, open_log, restore, resume_settings, retrieval_losses, run_loader,
+                      save_checkpoint, schedule_steps, seed_everything, setup_distributed)
 from synthetic import synthetic_world
 
 RETRIEVAL_DATASETS = ("synthetic", "cuhk", "icfg", "rstp")
@@ -273,7 +273,7 @@ def main(argv=None):
     last_step = args.epochs * per_epoch if args.max_steps is None else min(args.epochs * per_epoch, args.max_steps)
     wrapped = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
         if world_size > 1 else objective
-    log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
+    log_file = open_log(args.out_dir, step) if master else None
     if master:
         print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {world_size} x {device} "
               f"({dtype}), {len(dataset):,} samples, {per_epoch} steps/epoch x {args.epochs} epochs")

@@ -407,6 +407,26 @@ def save_checkpoint(path, checkpoint):
     os.replace(tmp, path)
 
 
+def open_log(out_dir, start_step):
+    """out_dir/log.jsonl, open for writing: the records up to `start_step` stay (a resumed run's checkpoint step;
+    0 for a new run, whose log starts empty) and those a killed run wrote after its last checkpoint go, so that the
+    log reads as one run."""
+    path = os.path.join(out_dir, "log.jsonl")
+    kept = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line.rstrip("\n") + "\n")
+                except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                    pass
+    log_file = open(path, "w")
+    log_file.writelines(kept)
+    log_file.flush()
+    return log_file
+
+
 def all_rng_states(generator, world_size):
     """Every rank's RNG states, indexed by rank, for the checkpoint: a resumed DDP run then continues exactly.
     Under DDP this is a collective call that every rank makes."""
@@ -552,7 +572,7 @@ def main(argv=None):
     last_step = args.epochs * per_epoch if args.max_steps is None else min(args.epochs * per_epoch, args.max_steps)
     wrapped = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
         if world_size > 1 else objective
-    log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
+    log_file = open_log(args.out_dir, step) if master else None
     if master:
         print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {world_size} x {device} "
               f"({dtype}), {len(dataset):,} samples, {per_epoch} steps/epoch x {args.epochs} epochs")

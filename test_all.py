@@ -2067,7 +2067,8 @@ def test_finetune_exact_resume(world, tmp_path, one_thread):
 def test_stop_signal_checkpoints_then_resume_ends_as_a_straight_run(world, tmp_path, monkeypatch, one_thread,
                                                                     script, extra):
     """Ctrl-C (SIGINT) mid-run: the step in flight finishes, ckpt.pt is written and main stops with status 130
-    (no test evaluation); --resume then ends where a straight run ends, weight for weight (DESIGN §6)."""
+    (no test evaluation); --resume then ends where a straight run ends, weight for weight (DESIGN §6), and its
+    log.jsonl reads as the straight run's (records a killed run wrote after the checkpoint dropped)."""
     script.main(run_args(world, tmp_path / "a", "--max-steps", "5", *extra))
     real, handler = script.get_lr, signal.getsignal(signal.SIGINT)
 
@@ -2082,11 +2083,16 @@ def test_stop_signal_checkpoints_then_resume_ends_as_a_straight_run(world, tmp_p
     assert stopped.value.code == 130 and signal.getsignal(signal.SIGINT) is handler
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 3
     assert not (tmp_path / "b" / "results.json").exists()
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:  # as if killed later: a record past the checkpoint, cut short
+        f.write('{"step": 4, "total": 1.0}\n{"step": 5, "to')
     monkeypatch.setattr(script, "get_lr", real)
     script.main(["--resume", str(tmp_path / "b" / "ckpt.pt"), "--max-steps", "5"])
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.equal(value, b[key]) for key, value in a.items())
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "pairs_per_s"}
+             for line in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("a", "b")]
+    assert logs[0] == logs[1] and [record["step"] for record in logs[1]] == [1, 2, 3, 4, 5]  # one run's log
 
 
 def test_stop_signal_leaves_an_ignored_signal_ignored():
