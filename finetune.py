@@ -360,7 +360,7 @@ def main(argv=None):
     if master and not stopping:
         minutes = (time.time() - t0) / 60
         chosen = os.path.join(args.out_dir, "best.pt")
-        if valset is None or not os.path.isfile(chosen):
+        if best is None or not os.path.isfile(chosen):  # no validation in this run: a best.pt there is older
             chosen = os.path.join(args.out_dir, "ckpt.pt")
         model.load_state_dict(read_checkpoint(chosen)["model"])
         if args.dataset in FINETUNE_ATTRIBUTE_DATASETS:

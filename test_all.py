@@ -2227,7 +2227,10 @@ def test_validation_loads_images_with_the_given_workers(world, tmp_path, monkeyp
 
 
 def test_finetune_from_random_init_and_bad_init(world, tmp_path, capsys):
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "ft" / "best.pt").write_text("an earlier run's")  # no epoch ends in 2 steps: the test takes ckpt.pt
     finetune.main(run_args(world, tmp_path / "ft", "--max-steps", "2"))
+    assert json.loads((tmp_path / "ft" / "results.json").read_text())["checkpoint"] == str(tmp_path / "ft" / "ckpt.pt")
     with pytest.raises(SystemExit) as error:
         finetune.main(run_args(world, tmp_path / "ft2", "--init", str(tmp_path / "missing.pt")))
     assert error.value.code == 2 and "missing.pt" in capsys.readouterr().err
