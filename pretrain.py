@@ -640,8 +640,7 @@ def main(argv=None):
             tqdm.write(f"epoch {epoch} | " + " | ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
             log_file.write(json.dumps(dict(step=step, epoch=epoch, **metrics)) + "\n")
             log_file.flush()
-        # checkpoint: after each epoch, at --max-steps and on a stop signal; best.pt for the best epoch, with its
-        # value
+        # checkpoint: after each epoch, at --max-steps and on a stop signal; best.pt for the best epoch, with its R1
         if world_size > 1:
             dist.barrier()
         rng = all_rng_states(generator, world_size)
