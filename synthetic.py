@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from data import MALS_NUM_ATTRIBUTES, fail, load_image, read_retrieval
 
@@ -456,7 +457,7 @@ def _synthetic_paths(root):
 def synthetic_world(root):
     """The world under `root` as it is (any settings), generated with the defaults if it is not there."""
     paths = _synthetic_paths(root)
-    return paths if os.path.isfile(paths["info"]) else make_synthetic(root)
+    return paths if os.path.isfile(paths["info"]) else make_synthetic(root, verbose=True)
 
 
 def _save(image, path):
@@ -539,13 +540,15 @@ def make_synthetic(root="data/synthetic", seed=0, verbose=False, workers=None, *
             records.append(("attr", rel, identity_label(identity), split))
 
     workers = workers or min(8, os.cpu_count() or 1)
+    progress = dict(total=len(jobs), desc=f"making the synthetic world under {root}", unit="image",
+                    disable=not verbose, leave=False, dynamic_ncols=True)
     try:
         if workers > 1:
             import multiprocessing
             with multiprocessing.Pool(workers) as pool:
-                captions = pool.map(_render_job, jobs, chunksize=64)
+                captions = list(tqdm(pool.imap(_render_job, jobs, chunksize=64), **progress))
         else:
-            captions = [_render_job(job) for job in jobs]
+            captions = list(tqdm(map(_render_job, jobs), **progress))
     except BaseException:  # Ctrl-C while rendering (most of the time here): leave no half-made folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
