@@ -33,6 +33,7 @@ import argparse
 import json
 
 import torch
+from tqdm import tqdm
 
 import losses
 from data import (NORMALIZATION, PROMPT_MASK_KEYS, ImageDataset, Loader, default_workers, fail, join_prompt_rows,
@@ -356,7 +357,7 @@ def evaluate_attributes(model, tokenizer, entries, table, normalization, batch_s
     scores = []
     with autocast_for(device):
         prompt_embeds, prompt_atts = encode_prompts(model, tokenizer, prompts, PROMPT_MAX_TOKENS[table])
-        for batch in loader:
+        for batch in tqdm(loader, desc="attributes", leave=False, dynamic_ncols=True):
             image_embeds = model.encode_image(batch["image"].to(device))  # (B, N, Dv)
             scores.append(attribute_scores(model, image_embeds, prompt_embeds, prompt_atts).cpu())
     s = torch.cat(scores)  # (N, K, 2)
@@ -463,7 +464,11 @@ def attribute_split(dataset, data_root, split):
         if f"attr_{split}" not in world:
             fail(f"the synthetic attribute data has train and test splits, not {split!r}")
         return read_attributes(world[f"attr_{split}"])
-    return read_attributes(data_root, split=split)
+    entries = read_attributes(data_root, split=split)
+    expected = len(ATTRIBUTE_TABLES[ATTRIBUTE_DATASETS[dataset][0]])
+    if len(entries[0][1]) != expected:  # read_attributes takes 26 (PA-100K) or 27 (MALS) labels
+        fail(f"{data_root}: the {split} labels hold {len(entries[0][1])} attributes; {dataset} has {expected}")
+    return entries
 
 
 if __name__ == "__main__":

@@ -1268,6 +1268,9 @@ def test_bad_inputs_fail_clearly(tmp_path, capsys):
     expect_exit(capsys, "found none of", data.load_retrieval, "rstp", str(tmp_path), "train")
     wrong = write_json(tmp_path / "PA100K_train.json", [{"image": "a.jpg", "label": [0, 1, 2]}])
     expect_exit(capsys, "26 (PA-100K) or 27 (MALS)", data.read_attributes, wrong, split="train")
+    write_json(tmp_path / "PA100K_val.json", [{"image": "a.jpg", "label": [0] * 27}])  # MALS labels given as PA-100K
+    expect_exit(capsys, "the val labels hold 27 attributes; pa100k has 26", attributes.attribute_split, "pa100k",
+                str(tmp_path), "val")
     expect_exit(capsys, "image file not found", data.load_image, str(tmp_path / "gone.jpg"))
     expect_exit(capsys, "first is entry 1", data.check_images, [str(tmp_path / "a.jpg"), "x.jpg", "y.jpg"])
 
