@@ -497,7 +497,7 @@ def make_synthetic(root="data/synthetic", seed=0, verbose=False, workers=None, *
         with open(paths["info"]) as f:
             if json.load(f).get("settings") == settings:
                 return paths
-    elif os.path.exists(root) and not (os.path.isdir(root) and not os.listdir(root)):
+    elif os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
         # only a world (or an empty folder) is ever replaced below: anything else there is the user's
         fail(f"{root} exists and is not a synthetic world (it has no {_MARKER}); pass another folder "
              "(--data-dir, --root) or move it away")
