@@ -75,7 +75,8 @@ class APTMConfig:
 CONFIGS = {
     # the paper: Swin-B at 384x128 + BERT-base split 6/6 (spec §0, §1)
     "aptm-base": APTMConfig(),
-    # our CPU default (not the paper): toy widths, Swin stage grids 24x8 (window 4, shifted), 12x4, 6x2;
+    # our CPU default (not the paper): toy widths; the world's own 192x64 images cut into 8x8 patches, so the Swin
+    # stage grids are 24x8 (window 4, shifted), 12x4, 6x2 (as 96x32 with patch 4 was, at the same cost per layer);
     # no dropout or drop-path: a 10-minute run needs fitting, not regularising (and the random masks cost ~20%
     # of a CPU step). Trained from scratch, it needs two departures to escape ITC's collapse (all features equal,
     # loss ln B): init_std 0.125 ≈ 1/sqrt(64) instead of 0.02 (tuned for width 768 and pre-trained weights;
@@ -83,7 +84,7 @@ CONFIGS = {
     # that features depend on the input at initialisation, and τ starting at 0.2 instead of 0.07 (measured:
     # with 0.02 / 0.07 every caption gets the same [CLS] and ITC stays at ln B).
     "tiny": APTMConfig(
-        image_size=(96, 32), swin_dim=32, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=4,
+        image_size=(192, 64), patch_size=8, swin_dim=32, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=4,
         hidden_size=64, num_text_layers=2, num_cross_layers=2, num_attention_heads=2,
         intermediate_size=256, max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0,
         drop_path_rate=0.0, embed_dim=64, max_tokens=40, init_std=0.125, temp=0.2,

@@ -52,7 +52,7 @@ UNIFORM_NEGATIVES_HELP = ("fraction of the run, from its start, in which ITM dra
                           "by ITC similarity (losses.sample_hard_negatives); paper 0; tiny (from scratch) 1")
 
 
-RANDAUGMENT_HELP = ("RandAugment ops per training image at magnitude 7; paper 2 (spec §4.6); tiny 0: on 96x32 "
+RANDAUGMENT_HELP = ("RandAugment ops per training image at magnitude 7; paper 2 (spec §4.6); tiny 0: on its small "
                     "images its shears, rotations and equalisation cost the tiny model more than they teach")
 
 
@@ -88,7 +88,7 @@ def get_args(argv=None):
     parser.add_argument("--k-rerank", type=int, help="validation: ITM re-ranks ITC's top k; paper 128, tiny 32")
     parser.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm; 0 = none (official: none)")
     parser.add_argument("--erasing-p", type=float, help="random-erasing probability; paper 0.6 (spec §4.6); tiny 0, "
-                        "whose 96x32 images lose the clothes it must learn")
+                        "whose small images lose the clothes it must learn")
     parser.add_argument("--randaugment", type=int, help=RANDAUGMENT_HELP)
     # system
     parser.add_argument("--out-dir", default="out/pretrain")

@@ -2651,8 +2651,8 @@ def test_pretrain_with_a_bert_folder(bert48, world, tmp_path, one_thread):
 
 SWIN_HF = dict(image_size=224, patch_size=4, embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 1, 2, 2], window_size=7,
                drop_path_rate=0.0, layer_norm_eps=1e-5)
-SWIN_224 = replace(CONFIGS["tiny"], image_size=(224, 224), swin_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2),
-                   window_size=7, vocab_size=50)
+SWIN_224 = replace(CONFIGS["tiny"], image_size=(224, 224), patch_size=4, swin_dim=16, depths=(2, 2, 2, 2),
+                   num_heads=(1, 1, 2, 2), window_size=7, vocab_size=50)
 
 
 @pytest.mark.parametrize("head", [False, True])
