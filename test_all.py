@@ -229,7 +229,6 @@ def test_swin_geometry_aptm_base():
     assert model.vision_encoder.layers[0].blocks[1].attn_mask.shape == (48, 64, 64)
 
 
-
 def test_swin_geometry_tiny():
     """tiny reads the world's own 192x64 images in 8x8 patches: stage grids 24x8 (window 4, shifted), 12x4, 6x2."""
     config = CONFIGS["tiny"]
@@ -240,6 +239,7 @@ def test_swin_geometry_tiny():
     assert out.shape == (2, 1 + 6 * 2, config.vision_width)  # the mean token + the last stage's 6x2
     geometry = [[(b.resolution, b.window, b.shift) for b in layer.blocks] for layer in model.vision_encoder.layers]
     assert geometry == [[((24, 8), 4, 0), ((24, 8), 4, 2)], [((12, 4), 4, 0)] * 2, [((6, 2), 2, 0)] * 2]
+
 
 def test_shift_mask_matches_naive_construction():
     """Two tokens of a window may attend iff neither or both were wrapped by the roll, per axis."""
